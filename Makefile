@@ -1,0 +1,38 @@
+# picchat: `make run` starts the server from the checkout (standard library
+# only, nothing to install); `make test` builds .venv and runs every check.
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+ARGS ?=
+
+.PHONY: run test unit integration lint format bench clean
+
+run:
+	$(PYTHON) -m picchat $(ARGS)
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --upgrade pip
+	$(VPY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+test: $(VENV)/.installed
+	$(VENV)/bin/ruff check picchat tests
+	$(VENV)/bin/ruff format --check picchat tests
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+unit: $(VENV)/.installed
+	$(VPY) -m pytest tests/unit $(PYTEST_ARGS)
+
+integration: $(VENV)/.installed
+	$(VPY) -m pytest tests/integration $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check picchat tests
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff format picchat tests
+	$(VENV)/bin/ruff check --fix picchat tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

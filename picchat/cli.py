@@ -1,0 +1,155 @@
+"""Command-line front ends: argument parsing and exit codes, nothing else.
+
+Exit codes are in ``exits`` (sysexits.h values), documented in --help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any, NoReturn
+
+from . import __version__
+from .config import SETTINGS, ConfigError, env_name, flag, load, setting_type
+from .exits import (
+    EX_CONFIG,
+    EX_DATAERR,
+    EX_OK,
+    EX_UNAVAILABLE,
+    EX_USAGE,
+)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error exits 64 (EX_USAGE), not 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def server_parser() -> Parser:
+    p = Parser(
+        prog="picchat-server",
+        description="Run the picchat chat hub in the foreground. Settings come from "
+        "defaults, then the config file, then PICCHAT_* environment variables, then "
+        "these options (each later one wins).",
+        epilog="Exit codes: 0 stopped cleanly, 64 usage error, 69 a listener could not "
+        "be opened, 78 configuration error.",
+    )
+    p.add_argument("--version", action="version", version=f"picchat {__version__}")
+    p.add_argument(
+        "--config",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help="TOML config file, keys named like these options (env: PICCHAT_CONFIG; default: none)",
+    )
+    for name, f in SETTINGS.items():
+        t = setting_type(name)
+        text = f"{f.metadata['help']} (default: {f.default!r}; env: {env_name(name)})"
+        if t is bool:
+            p.add_argument(
+                flag(name),
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=text,
+            )
+        else:
+            p.add_argument(
+                flag(name),
+                dest=name,
+                type=str,  # converted (and checked) with the other sources
+                metavar=name.upper(),
+                default=argparse.SUPPRESS,
+                choices=f.metadata["choices"],
+                help=text,
+            )
+    return p
+
+
+def server_main(argv: list[str] | None = None) -> int:
+    from . import logs
+    from .endpoints.listeners import StartupError
+    from .server import serve
+
+    args: dict[str, Any] = vars(server_parser().parse_args(argv))
+    config_path = args.pop("config", None)
+    try:
+        settings = load(cli=args, config_path=config_path)
+    except ConfigError as exc:
+        print(f"picchat-server: configuration error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    writer = logs.setup(settings.log_level, settings.log_buffer)
+    try:
+        serve(settings, writer)
+    except StartupError as exc:
+        logging.getLogger("picchat").error("%s", exc)
+        return EX_UNAVAILABLE
+    except KeyboardInterrupt:  # Ctrl-C before the loop took over the signal
+        return 130
+    finally:
+        writer.flush()
+    return EX_OK
+
+
+def send_parser() -> Parser:
+    p = Parser(
+        prog="picchat-send",
+        description="Send a message to a picchat server and wait until it is accepted. "
+        "By default it uses the server's local socket if that exists, else TCP "
+        "127.0.0.1:1234.",
+        epilog="Exit codes: 0 every message accepted, 64 usage error, 65 a message was "
+        "refused, 69 no server reachable, 75 timed out, 76 protocol error, 77 the "
+        "local socket exists but we may not use it.",
+    )
+    p.add_argument("message", help="the message; '-' sends each line of standard input")
+    p.add_argument("--socket", metavar="PATH", help="the server's Unix socket")
+    p.add_argument("--host", help="server host (forces TCP; default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="server TCP port (forces TCP; default 1234)")
+    p.add_argument("--name", help="sender name shown to others (default: user@host)")
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="if no server is reachable, retry every 5 s for up to SECONDS (default: 0)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="give up if the server has not answered for SECONDS (default: 10)",
+    )
+    p.add_argument("--version", action="version", version=f"picchat {__version__}")
+    return p
+
+
+def send_main(argv: list[str] | None = None) -> int:
+    from .send import SendError, send
+
+    args = send_parser().parse_args(argv)
+    if args.message != "-" and not args.message.strip():
+        print("picchat-send: the message is empty; nothing sent", file=sys.stderr)
+        return EX_USAGE
+    if args.port is not None and not 0 < args.port < 65536:
+        print("picchat-send: --port must be between 1 and 65535", file=sys.stderr)
+        return EX_USAGE
+    try:
+        count = send(
+            args.message,
+            socket_path=args.socket,
+            host=args.host,
+            port=args.port,
+            name=args.name,
+            wait=args.wait,
+            timeout=args.timeout,
+        )
+    except SendError as exc:
+        print(f"picchat-send: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return EX_OK if count >= 0 else EX_DATAERR

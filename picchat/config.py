@@ -1,0 +1,206 @@
+"""The one settings object, and where its values come from.
+
+Precedence, lowest first: defaults <- TOML config file <- PICCHAT_* environment
+<- command line. The config file is read only when named (``--config`` or
+``PICCHAT_CONFIG``), so nothing reads /etc behind a test's back. Its keys are
+the long option names (``max-line = 4096``; ``max_line`` works too); the
+environment variable of a setting is PICCHAT_ plus its name in capitals
+(``PICCHAT_MAX_LINE``).
+
+Every bound picchat enforces is a setting here, with its default and help.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A setting has a value we cannot use; exit 78 (EX_CONFIG)."""
+
+
+def _opt(default: Any, help: str, *, minimum: float | None = None, choices=None, live=False):
+    return field(
+        default=default,
+        metadata={"help": help, "min": minimum, "choices": choices, "live": live},
+    )
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = _opt("127.0.0.1", "TCP address to listen on ('' for no TCP listener)")
+    port: int = _opt(1234, "TCP port to listen on (0: any free port)", minimum=0)
+    socket: str = _opt(
+        "auto",
+        "Unix socket path; 'auto': $RUNTIME_DIRECTORY/picchat.sock, else "
+        "$XDG_RUNTIME_DIR/picchat/picchat.sock, else /tmp/picchat-$UID/picchat.sock; "
+        "'off': none",
+    )
+    fifo: str = _opt("", "FIFO to read lines from and broadcast (created if missing; '' for none)")
+    fifo_name: str = _opt("fifo", "sender name of the lines read from the FIFO", live=True)
+    max_line: int = _opt(
+        4096, "longest accepted line in bytes; longer ones are refused", minimum=64
+    )
+    max_queue: int = _opt(
+        262144,
+        "bytes of output that may wait for one connection; a reader further behind is disconnected",
+        minimum=4096,
+        live=True,
+    )
+    history: int = _opt(1000, "messages kept in memory for replay", minimum=1, live=True)
+    max_clients: int = _opt(10000, "connections served at once", minimum=1, live=True)
+    presence_interval: float = _opt(
+        1.0, "seconds between join/leave summary lines", minimum=0.0, live=True
+    )
+    shutdown_timeout: float = _opt(
+        2.0, "seconds to flush output to clients when stopping", minimum=0.0, live=True
+    )
+    keepalive_idle: int = _opt(60, "TCP keepalive: idle seconds before probing", minimum=1)
+    keepalive_interval: int = _opt(10, "TCP keepalive: seconds between probes", minimum=1)
+    keepalive_count: int = _opt(3, "TCP keepalive: unanswered probes before a drop", minimum=1)
+    log_level: str = _opt("info", "least important log level shown", choices=LOG_LEVELS, live=True)
+    log_chat: bool = _opt(True, "log every chat line (at info level)", live=True)
+    log_buffer: int = _opt(
+        65536,
+        "bytes of log output held while stderr is not writable; beyond it "
+        "lines are dropped and counted",
+        minimum=1024,
+    )
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+SETTINGS = {f.name: f for f in fields(Settings)}
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def setting_type(name: str) -> type:
+    t = SETTINGS[name].type
+    return _TYPES[t] if isinstance(t, str) else t
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    return "PICCHAT_" + name.upper()
+
+
+def _convert(name: str, value: Any, source: str) -> Any:
+    t = setting_type(name)
+    meta = SETTINGS[name].metadata
+    try:
+        if t is bool:
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low in ("1", "true", "yes", "on"):
+                    value = True
+                elif low in ("0", "false", "no", "off"):
+                    value = False
+                else:
+                    raise ValueError(f"{value!r} is not true or false")
+            elif not isinstance(value, bool):
+                raise ValueError(f"{value!r} is not true or false")
+        elif t is int:
+            if isinstance(value, (bool, float)):
+                raise ValueError(f"{value!r} is not a whole number")
+            value = int(value)
+        elif t is float:
+            if isinstance(value, bool):
+                raise ValueError(f"{value!r} is not a number")
+            value = float(value)
+        elif not isinstance(value, str):
+            raise ValueError(f"{value!r} is not a string")
+    except ValueError as exc:
+        raise ConfigError(f"{flag(name)[2:]} from {source}: {exc}") from None
+    if meta["min"] is not None and value < meta["min"]:
+        raise ConfigError(f"{flag(name)[2:]} from {source}: {value} is below {meta['min']}")
+    if name == "port" and value > 65535:
+        raise ConfigError(f"port from {source}: {value} is above 65535")
+    if meta["choices"] and value not in meta["choices"]:
+        raise ConfigError(
+            f"{flag(name)[2:]} from {source}: {value!r} is not one of {', '.join(meta['choices'])}"
+        )
+    return value
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path} is not readable by this user") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory") from None
+    values = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in SETTINGS:
+            raise ConfigError(
+                f"unknown setting {key!r} in {path}; `picchat-server --help` lists them"
+            )
+        values[name] = _convert(name, value, path)
+    return values
+
+
+def load(
+    cli: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_path: str | None = None,
+) -> Settings:
+    """Build the settings: defaults <- file <- environment <- command line.
+
+    ``cli`` holds only the options given on the command line. The file is
+    ``config_path`` if given, else $PICCHAT_CONFIG, else none.
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    path = config_path or env.get("PICCHAT_CONFIG") or None
+    if path:
+        values.update(read_config_file(path))
+    for name in SETTINGS:
+        raw = env.get(env_name(name))
+        if raw is not None:
+            values[name] = _convert(name, raw, env_name(name))
+    for name, value in (cli or {}).items():
+        values[name] = _convert(name, value, flag(name))
+    return Settings(**values)
+
+
+# ---- the local socket's default path ---------------------------------------
+
+
+def default_socket_path(env: Mapping[str, str] | None = None) -> Path:
+    """$RUNTIME_DIRECTORY/picchat.sock, else $XDG_RUNTIME_DIR/picchat/picchat.sock,
+    else /tmp/picchat-$UID/picchat.sock."""
+    env = os.environ if env is None else env
+    runtime = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if runtime:
+        return Path(runtime) / "picchat.sock"
+    xdg = env.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "picchat" / "picchat.sock"
+    return Path(f"/tmp/picchat-{os.getuid()}") / "picchat.sock"
+
+
+def socket_path(settings: Settings, env: Mapping[str, str] | None = None) -> Path | None:
+    if settings.socket == "off":
+        return None
+    if settings.socket == "auto":
+        return default_socket_path(env)
+    return Path(settings.socket)

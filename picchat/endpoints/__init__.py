@@ -1,0 +1,1 @@
+"""Adapters between the outside world (sockets, FIFOs) and the loop."""

@@ -1,0 +1,327 @@
+"""The hub: the room plus every connection's protocol state and output queue.
+
+Still sans I/O. The I/O layer (``server``) tells the hub what happened
+(``open``, ``receive``, ``gone``, ``post``) and then moves bytes: it sends from
+``output(cid)`` for the connections in ``take_dirty()``, closes those for
+which ``should_close(cid)`` holds, and drops those in ``take_doomed()`` at once.
+
+Invariants:
+- a frame is encoded at most once per wire format per delivery;
+- a connection's output queue never exceeds ``max_queue`` bytes: a peer that
+  stops reading is dropped (and leaves the room) instead of stalling others
+  or growing memory without bound;
+- a connection is a room member from ``open`` until it leaves, is dropped,
+  or turns out to be a non-member sender (picchat-send).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from . import __version__
+from .events import (
+    Ack,
+    Bye,
+    Closed,
+    Error,
+    Fatal,
+    Frame,
+    Hello,
+    Help,
+    Invalid,
+    Nick,
+    Notice,
+    Quit,
+    Request,
+    Say,
+    Welcome,
+    Who,
+)
+from .protocol import ServerConnection, Wire, encode, encode_hello_reply
+from .room import Deliver, Room, name_problem
+
+log = logging.getLogger(__name__)
+chat_log = logging.getLogger("picchat.chat")
+
+HELP_TEXT = (
+    "Commands: /nick NAME (change your name), /who (who is here), /help, "
+    "/quit (leave). Any other line goes to everyone; start it with // to send "
+    "a line that begins with /."
+)
+
+
+class Peer:
+    """One connection as the hub sees it."""
+
+    __slots__ = ("cid", "address", "proto", "out", "sender", "closing", "doomed", "logged")
+
+    def __init__(self, cid: int, address: str, max_line: int) -> None:
+        self.cid = cid
+        self.address = address
+        self.proto = ServerConnection(max_line)
+        self.out = bytearray()
+        self.sender: str | None = None  # set for non-member senders (their name)
+        self.closing = False  # close once the output queue is flushed
+        self.doomed = False  # close now, unsent output is dropped
+        self.logged = False  # its arrival as a member was logged
+
+
+class Hub:
+    def __init__(
+        self,
+        *,
+        history_id: str,
+        history_limit: int,
+        max_line: int,
+        max_queue: int,
+        log_chat: bool = True,
+    ) -> None:
+        self.room = Room(history_id, history_limit)
+        self.max_line = max_line
+        self.max_queue = max_queue
+        self.log_chat = log_chat
+        self.peers: dict[int, Peer] = {}
+        self.messages = 0  # accepted since start
+        self._dirty: set[int] = set()
+        self._doomed: list[tuple[int, str]] = []
+
+    # ---- what the I/O layer reports ----------------------------------------
+
+    def open(self, cid: int, address: str) -> str:
+        """A connection was accepted: it joins as a guest and is greeted."""
+        peer = Peer(cid, address, self.max_line)
+        self.peers[cid] = peer
+        name = self.room.join(cid)
+        self._send(peer, self._welcome(name))
+        # Logged as a member once it shows it is one (a line, a member hello,
+        # or its join announcement): picchat-send's visits are not news.
+        log.debug("%s: connection from %s", name, address)
+        return name
+
+    def receive(self, cid: int, data: bytes, now: float) -> None:
+        """Bytes arrived from a connection (``b""``: it closed its end)."""
+        peer = self.peers.get(cid)
+        if peer is None or peer.doomed:
+            return
+        for request in peer.proto.receive_data(data):
+            self._handle(peer, request, now)
+            if peer.closing or peer.doomed:
+                break
+
+    def post(self, sender: str, text: str, now: float) -> None:
+        """A message from a non-member source (the FIFO)."""
+        self._post(sender, text, now, exclude=None)
+
+    def gone(self, cid: int, reason: str) -> None:
+        """The I/O layer closed or lost the connection."""
+        peer = self.peers.pop(cid, None)
+        if peer is None:
+            return
+        self._dirty.discard(cid)
+        if cid in self.room:
+            name = self.room.name_of(cid)
+            self.room.leave(cid)
+            log.log(
+                logging.INFO if peer.logged else logging.DEBUG,
+                "%s (%s) left: %s",
+                name,
+                peer.address,
+                reason,
+            )
+        else:
+            log.debug("%s (%s) closed: %s", peer.sender or "connection", peer.address, reason)
+
+    def take_presence(self) -> bool:
+        """Announce pending joins and leaves; True if there were any."""
+        for cid in self.room.pending_joins():
+            self._log_member(self.peers[cid])
+        out = self.room.take_presence()
+        self._deliver_all(out)
+        return bool(out)
+
+    def shutdown(self, text: str) -> None:
+        """Tell everyone the server is going down; close after flushing."""
+        frame = Bye(text)
+        for peer in self.peers.values():
+            if not peer.doomed:
+                self._send(peer, frame)
+                self._close_after_flush(peer)
+
+    # ---- what the I/O layer asks ---------------------------------------------
+
+    def output(self, cid: int) -> bytearray:
+        """The connection's output queue: send from its front, then delete what went."""
+        return self.peers[cid].out
+
+    def should_close(self, cid: int) -> bool:
+        peer = self.peers.get(cid)
+        return peer is not None and peer.closing and not peer.out
+
+    def take_dirty(self) -> set[int]:
+        dirty, self._dirty = self._dirty, set()
+        return dirty
+
+    def take_doomed(self) -> list[tuple[int, str]]:
+        doomed, self._doomed = self._doomed, []
+        return doomed
+
+    @property
+    def presence_pending(self) -> bool:
+        return self.room.presence_pending
+
+    @property
+    def members(self) -> int:
+        return len(self.room)
+
+    def set_limits(self, *, max_queue: int, history_limit: int, log_chat: bool) -> None:
+        self.max_queue = max_queue
+        self.room.set_history_limit(history_limit)
+        self.log_chat = log_chat
+
+    # ---- requests ------------------------------------------------------------
+
+    def _handle(self, peer: Peer, request: Request, now: float) -> None:
+        cid = peer.cid
+        if not peer.logged and not isinstance(request, (Hello, Fatal, Closed)):
+            self._log_member(peer)
+        match request:
+            case Say(text=text, id=id_):
+                if peer.sender is not None:
+                    msg = self._post(peer.sender, text, now, exclude=None)
+                else:
+                    msg = self._post(self.room.name_of(cid), text, now, exclude=cid)
+                if id_ is not None and peer.proto.wire is Wire.JSON:
+                    self._send(peer, Ack(id_, msg.seq))
+            case Hello():
+                self._hello(peer, request)
+            case Nick(name=name, id=id_):
+                if peer.sender is not None:
+                    self._send(peer, Error("not_member", "senders have no room name", id_))
+                else:
+                    self._deliver_all(self.room.rename(cid, name, id_))
+            case Who(id=id_):
+                self._send(peer, self.room.names(id_))
+            case Help():
+                self._send(peer, Notice(HELP_TEXT, "help"))
+            case Quit():
+                self._send(peer, Bye("Goodbye."))
+                self._leave(peer, "quit")
+                self._close_after_flush(peer)
+            case Invalid(code=code, text=text, id=id_):
+                self._send(peer, Error(code, text, id_))
+            case Fatal(code=code, text=text):
+                log.info("Refused %s: %s", peer.address, text)
+                self._queue(peer, encode_hello_reply(Error(code, text)))
+                self._leave(peer)
+                self._close_after_flush(peer)
+            case Closed():
+                self._leave(peer, "closed the connection")
+                self._close_after_flush(peer)
+
+    def _hello(self, peer: Peer, hello: Hello) -> None:
+        cid = peer.cid
+        if not hello.member:
+            name = hello.name or "anonymous"
+            problem = name_problem(name)
+            if problem is not None:
+                self._queue(peer, encode_hello_reply(Error("bad_name", problem)))
+                self._leave(peer)
+                self._close_after_flush(peer)
+                return
+            # Its join was never announced (presence is coalesced), so this
+            # leave is silent too: senders are not members.
+            self.room.leave(cid)
+            peer.sender = name
+            self._send(peer, self._welcome(name, member=False))
+            log.debug("%s (%s) is a sender (%s)", name, peer.address, hello.client)
+            return
+        replies: list[Deliver] = []
+        if hello.name is not None and hello.name != self.room.name_of(cid):
+            replies = self.room.rename(cid, hello.name)
+        self._send(peer, self._welcome(self.room.name_of(cid)))
+        self._deliver_all(replies)
+        self._log_member(peer)
+
+    def _welcome(self, name: str, member: bool = True) -> Welcome:
+        return Welcome(
+            name=name,
+            history_id=self.room.history_id,
+            seq=self.room.seq,
+            max_line=self.max_line,
+            server=f"picchat/{__version__}",
+            member=member,
+        )
+
+    def _close_after_flush(self, peer: Peer) -> None:
+        peer.closing = True
+        self._dirty.add(peer.cid)  # so the I/O layer looks at it even with nothing to send
+
+    def _log_member(self, peer: Peer) -> None:
+        if not peer.logged and peer.cid in self.room:
+            peer.logged = True
+            log.info("%s connected from %s", self.room.name_of(peer.cid), peer.address)
+
+    def _leave(self, peer: Peer, how: str = "closed") -> None:
+        if peer.cid in self.room:
+            name = self.room.name_of(peer.cid)
+            self.room.leave(peer.cid)
+            level = logging.INFO if peer.logged else logging.DEBUG
+            log.log(level, "%s (%s) left: %s", name, peer.address, how)
+
+    def _post(self, sender: str, text: str, now: float, exclude: int | None):
+        msg, out = self.room.post(sender, text, now, exclude)
+        self.messages += 1
+        if self.log_chat:
+            chat_log.info("%s: %s", sender, text)
+        self._deliver_all(out)
+        return msg
+
+    # ---- output ----------------------------------------------------------------
+
+    def _deliver_all(self, deliveries: Iterable[Deliver]) -> None:
+        for d in deliveries:
+            self._deliver(d)
+
+    def _deliver(self, d: Deliver) -> None:
+        """Queue one frame for its recipients, encoding it once per wire format."""
+        encoded: dict[Wire, bytes] = {}
+        recipients = d.to if d.to is not None else self.room.members()
+        overflowed = []
+        for cid in recipients:
+            if cid == d.exclude:
+                continue
+            peer = self.peers[cid]
+            wire = peer.proto.wire
+            data = encoded.get(wire)
+            if data is None:
+                data = encoded[wire] = encode(d.frame, wire)
+            if data and not self._queue(peer, data, leave=False):
+                overflowed.append(peer)
+        for peer in overflowed:  # not while iterating over the members
+            self._leave(peer, "too slow")
+
+    def _send(self, peer: Peer, frame: Frame) -> None:
+        data = encode(frame, peer.proto.wire)
+        if data:
+            self._queue(peer, data)
+
+    def _queue(self, peer: Peer, data: bytes, leave: bool = True) -> bool:
+        if peer.doomed:
+            return True
+        if len(peer.out) + len(data) > self.max_queue:
+            # A reader this far behind has stopped reading: waiting for it
+            # would stall everyone or grow without bound. It can reconnect.
+            peer.doomed = True
+            peer.out.clear()
+            self._dirty.discard(peer.cid)
+            name = self.room.name_of(peer.cid) if peer.cid in self.room else peer.address
+            reason = f"too slow: it stopped reading with {self.max_queue} bytes (max_queue) waiting"
+            log.warning("Disconnecting %s (%s): %s", name, peer.address, reason)
+            self._doomed.append((peer.cid, reason))
+            if leave:
+                self._leave(peer, "too slow")
+            return False
+        peer.out += data
+        self._dirty.add(peer.cid)
+        return True

@@ -1,0 +1,420 @@
+"""The wire protocol, sans I/O: bytes in, requests out; frames in, bytes out.
+
+Two wire formats share one port (docs/protocol.md is the specification):
+
+- PLAIN, for people and raw tools (nc, telnet, socat): a line is a chat
+  message, ``/command`` lines are commands, the server sends ``name: text``.
+- JSON, for programs: the first line is a versioned hello,
+  ``PICCHAT/1 {json}``; after it, one JSON object per line both ways.
+
+A server connection's states and transitions:
+
+    AWAIT_FIRST --hello line--> JSON
+    AWAIT_FIRST --other line--> PLAIN   (the line itself is plain chat)
+    any         --EOF---------> CLOSED
+    AWAIT_FIRST --bad hello---> CLOSED  (after a Fatal request)
+
+Until its first line a connection is treated as plain (a listener that never
+types still gets the chat). Frames are encoded by ``encode`` once per format
+and the same bytes are queued for every recipient of that format.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from enum import Enum
+from typing import Any
+
+from .events import (
+    Ack,
+    Bye,
+    Chat,
+    Closed,
+    Error,
+    Fatal,
+    Frame,
+    Hello,
+    Help,
+    Invalid,
+    Message,
+    Names,
+    Nick,
+    Notice,
+    Presence,
+    Quit,
+    Renamed,
+    Request,
+    Say,
+    Welcome,
+    Who,
+)
+from .framing import TOO_LONG, LineReader
+from .sanitize import clean_bytes, clean_text
+
+VERSION = 1
+HELLO_PREFIX = b"PICCHAT/"
+HELLO_TAG = f"PICCHAT/{VERSION}"
+_HELLO_RE = re.compile(rb"PICCHAT/(\d{1,6})(?:[ \t]+(.*))?\Z", re.DOTALL)
+_ID_MAX = 64  # a client's message id is echoed back: keep it short
+
+
+class Wire(Enum):
+    PLAIN = "plain"
+    JSON = "json"
+
+
+class State(Enum):
+    AWAIT_FIRST = "await-first"
+    PLAIN = "plain"
+    JSON = "json"
+    CLOSED = "closed"
+
+
+class ProtocolError(Exception):
+    """The other side broke the protocol (raised on the client side only)."""
+
+
+# ---- encoding -------------------------------------------------------------
+
+
+def _count_text(names: tuple[str, ...], count: int, verb: str) -> str:
+    shown = ", ".join(names)
+    if count > len(names):
+        others = count - len(names)
+        shown += f" and {others} other{'s' if others != 1 else ''}"
+    return f"{shown} {verb}"
+
+
+def presence_text(p: Presence) -> str:
+    parts = []
+    if p.joined_count:
+        parts.append(_count_text(p.joined, p.joined_count, "joined"))
+    if p.left_count:
+        parts.append(_count_text(p.left, p.left_count, "left"))
+    return "; ".join(parts)
+
+
+def plain_text(frame: Frame) -> str | None:
+    """The line a plain peer sees for a frame, or None if plain peers skip it."""
+    match frame:
+        case Chat(Message(sender=sender, text=text)):
+            return f"{sender}: {text}"
+        case Welcome(name=name):
+            return f"* Welcome to picchat! You are {name}. Type /help for commands."
+        case Notice(text=text) | Bye(text=text):
+            return f"* {text}"
+        case Presence():
+            return "* " + presence_text(frame)
+        case Renamed(old=old, new=new):
+            return f"* {old} is now known as {new}"
+        case Names(names=names, count=count):
+            listed = ", ".join(names)
+            if count > len(names):
+                listed += f" and {count - len(names)} more"
+            return f"* {count} here: {listed}"
+        case Error(text=text):
+            return f"! {text}"
+        case Ack():
+            return None
+    raise TypeError(f"not a frame: {frame!r}")
+
+
+def json_object(frame: Frame) -> dict[str, Any]:
+    match frame:
+        case Chat(Message(seq=seq, time=t, sender=sender, text=text)):
+            return {"type": "msg", "seq": seq, "time": t, "from": sender, "text": text}
+        case Welcome():
+            return {
+                "type": "welcome",
+                "name": frame.name,
+                "member": frame.member,
+                "history_id": frame.history_id,
+                "seq": frame.seq,
+                "max_line": frame.max_line,
+                "server": frame.server,
+            }
+        case Notice(text=text, code=code):
+            return {"type": "notice", "code": code, "text": text}
+        case Presence():
+            return {
+                "type": "presence",
+                "joined": list(frame.joined),
+                "joined_count": frame.joined_count,
+                "left": list(frame.left),
+                "left_count": frame.left_count,
+                "text": presence_text(frame),
+            }
+        case Renamed(old=old, new=new):
+            return {"type": "renamed", "old": old, "new": new}
+        case Names(names=names, count=count, id=id_):
+            return _with_id({"type": "names", "names": list(names), "count": count}, id_)
+        case Ack(id=id_, seq=seq):
+            return {"type": "ack", "id": id_, "seq": seq}
+        case Error(code=code, text=text, id=id_):
+            return _with_id({"type": "error", "code": code, "text": text}, id_)
+        case Bye(text=text):
+            return {"type": "bye", "text": text}
+    raise TypeError(f"not a frame: {frame!r}")
+
+
+def _with_id(obj: dict[str, Any], id_: str | None) -> dict[str, Any]:
+    if id_ is not None:
+        obj["id"] = id_
+    return obj
+
+
+def _dumps(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def encode(frame: Frame, wire: Wire) -> bytes:
+    """The bytes of one frame in one wire format (b"" if that format skips it)."""
+    if wire is Wire.PLAIN:
+        text = plain_text(frame)
+        return b"" if text is None else (text + "\n").encode()
+    if isinstance(frame, Welcome):  # the hello reply carries the version tag
+        return encode_hello_reply(frame)
+    return (_dumps(json_object(frame)) + "\n").encode()
+
+
+def encode_hello_reply(frame: Frame) -> bytes:
+    """A JSON frame behind the version tag: the hello's answer (welcome or error)."""
+    return f"{HELLO_TAG} {_dumps(json_object(frame))}\n".encode()
+
+
+def encode_hello(name: str | None, *, member: bool = True, client: str = "", **extra: Any) -> bytes:
+    obj: dict[str, Any] = {"member": member}
+    if name is not None:
+        obj["name"] = name
+    if client:
+        obj["client"] = client
+    obj.update(extra)
+    return f"{HELLO_TAG} {_dumps(obj)}\n".encode()
+
+
+def encode_request(obj: dict[str, Any]) -> bytes:
+    return (_dumps(obj) + "\n").encode()
+
+
+# ---- the server's side of one connection ----------------------------------
+
+
+def _opt_id(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError("id must be a string or an integer")
+    text = str(value)
+    if len(text) > _ID_MAX:
+        raise ValueError(f"id longer than {_ID_MAX} characters")
+    return text
+
+
+class ServerConnection:
+    """Parses what one peer sends. Holds no socket; knows nothing of the room."""
+
+    __slots__ = ("state", "_reader")
+
+    def __init__(self, max_line: int) -> None:
+        self.state = State.AWAIT_FIRST
+        self._reader = LineReader(max_line)
+
+    @property
+    def wire(self) -> Wire:
+        return Wire.JSON if self.state is State.JSON else Wire.PLAIN
+
+    @property
+    def max_line(self) -> int:
+        return self._reader.max_line
+
+    def receive_data(self, data: bytes) -> list[Request]:
+        """Feed received bytes; ``b""`` means the peer closed its end."""
+        if self.state is State.CLOSED:
+            return []
+        if not data:
+            requests: list[Request] = []
+            last = self._reader.take_partial()
+            if last:
+                requests.extend(self._line(last))
+            self.state = State.CLOSED
+            requests.append(Closed())
+            return requests
+        requests = []
+        for item in self._reader.feed(data):
+            if item is TOO_LONG:
+                requests.append(self._too_long())
+            else:
+                requests.extend(self._line(item))
+            if self.state is State.CLOSED:
+                break
+        return requests
+
+    def _too_long(self) -> Request:
+        if self.state is State.AWAIT_FIRST:
+            self.state = State.PLAIN
+        return Invalid(
+            "line_too_long",
+            f"line longer than {self.max_line} bytes was discarded",
+        )
+
+    def _line(self, line: bytes) -> list[Request]:
+        if self.state is State.AWAIT_FIRST:
+            if line.startswith(HELLO_PREFIX):
+                return [self._hello(line)]
+            self.state = State.PLAIN
+        if self.state is State.PLAIN:
+            return _plain_request(line)
+        return [_json_request(line)]
+
+    def _hello(self, line: bytes) -> Request:
+        m = _HELLO_RE.match(line)
+        if m is None:
+            self.state = State.CLOSED
+            return Fatal("bad_hello", f"a hello looks like '{HELLO_TAG} {{...}}'")
+        version = int(m.group(1))
+        if version != VERSION:
+            self.state = State.CLOSED
+            return Fatal(
+                "version",
+                f"this server speaks {HELLO_TAG} only, not PICCHAT/{version}; "
+                "use a picchat client of the same generation as the server",
+            )
+        try:
+            obj = json.loads(m.group(2) or b"{}")
+            if not isinstance(obj, dict):
+                raise ValueError("the hello must be a JSON object")
+            name = obj.get("name")
+            if name is not None and not isinstance(name, str):
+                raise ValueError("name must be a string")
+            member = obj.get("member", True)
+            if not isinstance(member, bool):
+                raise ValueError("member must be true or false")
+            client = obj.get("client", "")
+            client = clean_text(client)[:64] if isinstance(client, str) else ""
+        except ValueError as exc:  # JSONDecodeError and UnicodeError included
+            self.state = State.CLOSED
+            return Fatal("bad_hello", f"bad hello: {exc}")
+        self.state = State.JSON
+        return Hello(VERSION, name, member, client)
+
+
+_COMMANDS = "/nick NAME, /who, /help, /quit"
+
+
+def _plain_request(line: bytes) -> list[Request]:
+    text = clean_bytes(line).strip()
+    if not text:
+        return []  # a bare Enter is not a message
+    if not text.startswith("/"):
+        return [Say(text)]
+    if text.startswith("//"):  # "//path" sends "/path"
+        return [Say(text[1:])]
+    cmd, _, arg = text[1:].partition(" ")
+    cmd = cmd.lower()
+    arg = arg.strip()
+    if cmd == "nick":
+        if not arg or " " in arg:
+            return [Invalid("usage", "usage: /nick NAME (one word)")]
+        return [Nick(arg)]
+    if cmd in ("who", "names"):
+        return [Who()]
+    if cmd == "help":
+        return [Help()]
+    if cmd in ("quit", "exit"):
+        return [Quit()]
+    return [
+        Invalid(
+            "unknown_command",
+            f"unknown command /{cmd}; commands: {_COMMANDS} "
+            "(start a message with // to send a literal /)",
+        )
+    ]
+
+
+def _json_request(line: bytes) -> Request:
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return Invalid("bad_frame", "not a JSON object: ignored")
+    if not isinstance(obj, dict):
+        return Invalid("bad_frame", "not a JSON object: ignored")
+    try:
+        id_ = _opt_id(obj.get("id"))
+    except ValueError as exc:
+        return Invalid("bad_frame", str(exc))
+    kind = obj.get("type")
+    if kind == "msg":
+        text = obj.get("text")
+        if not isinstance(text, str):
+            return Invalid("bad_frame", "msg needs a text string", id_)
+        text = clean_text(text).strip()
+        if not text:
+            return Invalid("empty", "empty message: nothing sent", id_)
+        return Say(text, id_)
+    if kind == "nick":
+        name = obj.get("name")
+        if not isinstance(name, str):
+            return Invalid("bad_frame", "nick needs a name string", id_)
+        return Nick(name, id_)
+    if kind == "who":
+        return Who(id_)
+    if kind == "quit":
+        return Quit()
+    return Invalid("unknown_type", f"unknown frame type {kind!r}: ignored", id_)
+
+
+# ---- the client's side (picchat-send, picchat-client, tests) ---------------
+
+
+class ClientConnection:
+    """Parses what the server sends to a structured client.
+
+    Lines before the hello reply are plain lines meant for people (the server
+    greets every connection before it knows its format): they are skipped.
+    """
+
+    __slots__ = ("_reader", "welcome")
+
+    def __init__(self, max_line: int = 1 << 20) -> None:
+        self._reader = LineReader(max_line)
+        self.welcome: dict[str, Any] | None = None
+
+    def receive_data(self, data: bytes) -> list[dict[str, Any]]:
+        frames = []
+        for item in self._reader.feed(data):
+            if item is TOO_LONG:
+                raise ProtocolError("the server sent an overlong line")
+            if self.welcome is None:
+                if not item.startswith(HELLO_PREFIX):
+                    continue
+                frame = self._hello_reply(item)
+                if frame.get("type") == "welcome":
+                    self.welcome = frame
+                frames.append(frame)
+            else:
+                try:
+                    frame = json.loads(item)
+                except ValueError as exc:
+                    raise ProtocolError(f"the server sent a bad frame: {exc}") from None
+                if not isinstance(frame, dict):
+                    raise ProtocolError("the server sent a frame that is not an object")
+                frames.append(frame)
+        return frames
+
+    @staticmethod
+    def _hello_reply(line: bytes) -> dict[str, Any]:
+        m = _HELLO_RE.match(line)
+        if m is None:
+            raise ProtocolError("the server's hello reply is malformed")
+        try:
+            frame = json.loads(m.group(2) or b"{}")
+        except ValueError as exc:
+            raise ProtocolError(f"the server's hello reply is malformed: {exc}") from None
+        if not isinstance(frame, dict):
+            raise ProtocolError("the server's hello reply is not an object")
+        if int(m.group(1)) != VERSION and frame.get("type") != "error":
+            raise ProtocolError(
+                f"the server speaks PICCHAT/{m.group(1).decode()}, this client PICCHAT/{VERSION}"
+            )
+        return frame

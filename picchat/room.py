@@ -1,0 +1,181 @@
+"""The chat room: members, names, numbered bounded history, presence.
+
+Pure state: no I/O, no clock (times are passed in), no randomness (the history
+id is passed in). Every method returns the deliveries it decided on; the hub
+turns them into bytes, once per wire format.
+
+Invariants:
+- member names are unique, compared case-insensitively (casefold);
+- sequence numbers start at 1 for a history id and grow by one per message;
+- history holds at most ``history_limit`` messages (oldest dropped first);
+- joins and leaves are not announced one by one: they accumulate until
+  ``take_presence`` (called at most once per presence interval) sums them up
+  in one line, and a member that came and went in between is not mentioned.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .events import Chat, Error, Frame, Message, Names, Presence, Renamed
+
+NAME_MAX = 32  # characters
+PRESENCE_SAMPLE = 10  # names shown in one presence line; the rest are counted
+WHO_SAMPLE = 200  # names shown by /who; the rest are counted
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """Send ``frame`` to the members in ``to`` (None: every member) but ``exclude``."""
+
+    frame: Frame
+    to: tuple[int, ...] | None = None
+    exclude: int | None = None
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a name, or None if it can."""
+    if not name:
+        return "a name cannot be empty"
+    if len(name) > NAME_MAX:
+        return f"a name has at most {NAME_MAX} characters"
+    if not name.isprintable() or any(c.isspace() for c in name):
+        return "a name cannot contain spaces or control characters"
+    if ":" in name:
+        return "a name cannot contain ':'"
+    if name[0] in "/*!#@":
+        return "a name cannot start with / * ! # or @"
+    return None
+
+
+class Room:
+    __slots__ = (
+        "history_id",
+        "history",
+        "seq",
+        "_names",  # member id -> name
+        "_owners",  # casefolded name -> member id
+        "_guest_counter",
+        "_joined",  # member ids whose join is not announced yet
+        "_left",  # names of members who left, not announced yet
+    )
+
+    def __init__(self, history_id: str, history_limit: int) -> None:
+        self.history_id = history_id
+        self.history: deque[Message] = deque(maxlen=max(1, history_limit))
+        self.seq = 0
+        self._names: dict[int, str] = {}
+        self._owners: dict[str, int] = {}
+        self._guest_counter = 0
+        self._joined: dict[int, None] = {}  # ordered set
+        self._left: list[str] = []
+
+    # ---- membership ------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, mid: int) -> bool:
+        return mid in self._names
+
+    def members(self) -> Iterator[int]:
+        return iter(self._names)
+
+    def name_of(self, mid: int) -> str:
+        return self._names[mid]
+
+    def set_history_limit(self, limit: int) -> None:
+        self.history = deque(self.history, maxlen=max(1, limit))
+
+    def join(self, mid: int) -> str:
+        """Add a member under the next free guest name; returns that name."""
+        if mid in self._names:
+            raise ValueError(f"member {mid} has joined already")
+        while True:
+            self._guest_counter += 1
+            name = f"guest{self._guest_counter}"
+            if name.casefold() not in self._owners:
+                break
+        self._names[mid] = name
+        self._owners[name.casefold()] = mid
+        self._joined[mid] = None
+        return name
+
+    def leave(self, mid: int) -> None:
+        """Remove a member; its leave is announced with the next presence line."""
+        name = self._names.pop(mid)
+        del self._owners[name.casefold()]
+        if mid in self._joined:  # came and went unannounced: say nothing
+            del self._joined[mid]
+        else:
+            self._left.append(name)
+
+    def rename(self, mid: int, name: str, id_: str | None = None) -> list[Deliver]:
+        old = self._names[mid]
+        problem = name_problem(name)
+        if problem is None and name == old:
+            problem = f"you are {old} already"
+        if problem is None:
+            owner = self._owners.get(name.casefold())
+            if owner is not None and owner != mid:
+                problem = f"the name {name} is taken; choose another with /nick NAME"
+        if problem is not None:
+            code = "name_taken" if "taken" in problem else "bad_name"
+            return [Deliver(Error(code, problem, id_), to=(mid,))]
+        del self._owners[old.casefold()]
+        self._names[mid] = name
+        self._owners[name.casefold()] = mid
+        frame = Renamed(old, name)
+        if mid in self._joined:  # nobody was told about the old name yet
+            return [Deliver(frame, to=(mid,))]
+        return [Deliver(frame)]
+
+    def names(self, id_: str | None = None) -> Names:
+        sample = []
+        for name in self._names.values():
+            if len(sample) == WHO_SAMPLE:
+                break
+            sample.append(name)
+        return Names(tuple(sample), len(self._names), id_)
+
+    def take_presence(self) -> list[Deliver]:
+        """Sum up the joins and leaves since the last call in one frame."""
+        if not self._joined and not self._left:
+            return []
+        joined = [self._names[mid] for mid in self._joined]
+        frame = Presence(
+            tuple(joined[:PRESENCE_SAMPLE]),
+            len(joined),
+            tuple(self._left[:PRESENCE_SAMPLE]),
+            len(self._left),
+        )
+        newcomers = tuple(self._joined)
+        self._joined.clear()
+        self._left.clear()
+        if len(newcomers) == 1:
+            return [Deliver(frame, exclude=newcomers[0])]
+        if newcomers:
+            new = set(newcomers)
+            return [Deliver(frame, to=tuple(m for m in self._names if m not in new))]
+        return [Deliver(frame)]
+
+    def pending_joins(self) -> list[int]:
+        """Members whose join is not announced yet, in order of arrival."""
+        return list(self._joined)
+
+    @property
+    def presence_pending(self) -> bool:
+        return bool(self._joined or self._left)
+
+    # ---- messages --------------------------------------------------------
+
+    def post(
+        self, sender: str, text: str, now: float, exclude: int | None = None
+    ) -> tuple[Message, list[Deliver]]:
+        """Record a message and deliver it to every member but ``exclude``."""
+        self.seq += 1
+        msg = Message(self.seq, now, sender, text)
+        self.history.append(msg)
+        return msg, [Deliver(Chat(msg), exclude=exclude)]

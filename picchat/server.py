@@ -1,0 +1,339 @@
+"""The composition root: settings -> loop + hub + endpoints, and the socket I/O.
+
+Everything here is I/O: accepting, recv/send, closing, signals, timers. The
+decisions (who gets what, names, limits) are the hub's and the room's.
+
+The path of a line: the loop reports a socket readable -> ``_readable``
+recv()s up to 64 KiB -> ``hub.receive`` parses every complete line of it and
+queues the encoded frames on the recipients' output buffers -> at the end of
+the turn ``_flush`` does one send() per connection with new output; what the
+kernel does not take waits for POLLOUT.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from pathlib import Path
+
+from . import __version__, logs
+from .config import Settings, socket_path
+from .endpoints.fifo import FifoReader
+from .endpoints.listeners import (
+    open_tcp,
+    open_unix,
+    set_keepalive,
+    tcp_address,
+    unix_peer,
+)
+from .hub import Hub
+from .loop import Loop, Timer
+from .sanitize import clean_bytes
+
+log = logging.getLogger(__name__)
+
+RECV_SIZE = 65536
+ACCEPT_BATCH = 64  # connections accepted per readiness event, so reads go on
+EMFILE_PAUSE = 1.0  # seconds without accepting after running out of fds
+
+
+class Server:
+    def __init__(
+        self, settings: Settings, loop: Loop | None = None, writer: logs.StderrWriter | None = None
+    ) -> None:
+        self.settings = settings
+        self.loop = loop or Loop()
+        self.hub = Hub(
+            history_id=secrets.token_hex(8),
+            history_limit=settings.history,
+            max_line=settings.max_line,
+            max_queue=settings.max_queue,
+            log_chat=settings.log_chat,
+        )
+        self._writer = writer
+        self._socks: dict[int, socket.socket] = {}  # cid -> socket
+        self._listeners: list[tuple[socket.socket, bool]] = []  # (sock, is_tcp)
+        self._unix_path: Path | None = None
+        self._unix_ino: tuple[int, int] | None = None
+        self._fifo: FifoReader | None = None
+        self._next_cid = 1
+        self._flush_scheduled = False
+        self._presence_timer: Timer | None = None
+        self._stopping = False
+        self._stop_timer: Timer | None = None
+        self.addresses: list[str] = []
+
+    # ---- start and stop ----------------------------------------------------
+
+    def start(self) -> None:
+        """Open every listener (raises StartupError) and install signal handlers."""
+        s = self.settings
+        try:
+            if s.host:
+                sock = open_tcp(s.host, s.port)
+                self._add_listener(sock, True)
+                self.addresses.append(tcp_address(sock))
+            path = socket_path(s)
+            if path is not None:
+                sock = open_unix(path)
+                st = os.stat(path)
+                self._unix_path, self._unix_ino = path, (st.st_dev, st.st_ino)
+                self._add_listener(sock, False)
+                self.addresses.append(str(path))
+            if s.fifo:
+                self._fifo = FifoReader(Path(s.fifo), self.loop, self._fifo_line, s.max_line)
+                self.addresses.append(f"FIFO {s.fifo}")
+        except BaseException:
+            self.close()
+            raise
+        if self._writer is not None:
+            self._writer.on_blocked = self._log_blocked
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(signum, self.stop)
+        log.info(
+            "Server is running and waiting for connections on %s", " and ".join(self.addresses)
+        )
+
+    def run(self) -> None:
+        try:
+            self.loop.run()
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        """Stop accepting, tell everyone, flush within shutdown_timeout, then end."""
+        if self._stopping:  # a second Ctrl-C: do not wait any longer
+            log.warning("Stopping now, without waiting for slow clients")
+            self._finish()
+            return
+        self._stopping = True
+        log.info("Shutting down: telling %d connections", len(self._socks))
+        self._close_listeners()
+        self.hub.shutdown("Server is shutting down. Bye!")
+        self._schedule_flush()
+        self._stop_timer = self.loop.call_later(self.settings.shutdown_timeout, self._finish)
+        self.loop.call_soon(self._maybe_finished)
+
+    def _maybe_finished(self) -> None:
+        if self._stopping and not self._socks:
+            self._finish()
+
+    def _finish(self) -> None:
+        for cid in list(self._socks):
+            self._drop(cid, "server stopped")
+        if self._stop_timer is not None:
+            self._stop_timer.cancel()
+        self.loop.stop()
+
+    def close(self) -> None:
+        """Release every fd (idempotent)."""
+        self._close_listeners()
+        for cid in list(self._socks):
+            self._drop(cid, "server stopped")
+        if self._fifo is not None:
+            self._fifo.close()
+            self._fifo = None
+        if self._writer is not None:
+            self.loop.forget(self._writer.fd)
+            self._writer.on_blocked = None
+            self._writer.flush()
+
+    def _close_listeners(self) -> None:
+        for sock, _ in self._listeners:
+            self.loop.forget(sock.fileno())
+            sock.close()
+        self._listeners.clear()
+        if self._unix_path is not None:
+            # Remove the socket file only if it is still ours (not a newer server's).
+            try:
+                st = os.stat(self._unix_path)
+                if (st.st_dev, st.st_ino) == self._unix_ino:
+                    self._unix_path.unlink()
+            except OSError:
+                pass
+            self._unix_path = None
+
+    # ---- accepting -------------------------------------------------------------
+
+    def _add_listener(self, sock: socket.socket, is_tcp: bool) -> None:
+        self._listeners.append((sock, is_tcp))
+        self.loop.add_reader(sock.fileno(), lambda: self._accept(sock, is_tcp))
+
+    def _accept(self, listener: socket.socket, is_tcp: bool) -> None:
+        s = self.settings
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, addr = listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    # Out of fds: the listener stays readable, so pause it
+                    # instead of spinning on accept().
+                    log.error(
+                        "Out of file descriptors (%s); not accepting for %.0f s",
+                        exc.strerror,
+                        EMFILE_PAUSE,
+                    )
+                    self.loop.remove_reader(listener.fileno())
+                    self.loop.call_later(
+                        EMFILE_PAUSE, lambda: self._resume_accept(listener, is_tcp)
+                    )
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue
+                raise
+            sock.setblocking(False)
+            if is_tcp:
+                address = (
+                    f"{addr[0]}:{addr[1]}"
+                    if sock.family == socket.AF_INET
+                    else (f"[{addr[0]}]:{addr[1]}")
+                )
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                set_keepalive(sock, s.keepalive_idle, s.keepalive_interval, s.keepalive_count)
+            else:
+                address = unix_peer(sock)
+            if len(self._socks) >= s.max_clients:
+                log.warning(
+                    "Refused %s: %d connections already (max-clients)", address, s.max_clients
+                )
+                try:
+                    sock.send(f"! server full ({s.max_clients} connections); try later\n".encode())
+                except OSError:
+                    pass
+                sock.close()
+                continue
+            cid = self._next_cid
+            self._next_cid += 1
+            self._socks[cid] = sock
+            self.hub.open(cid, address)
+            self.loop.add_reader(sock.fileno(), lambda cid=cid: self._readable(cid))
+            self._after_hub()
+
+    def _resume_accept(self, listener: socket.socket, is_tcp: bool) -> None:
+        if any(listener is sock for sock, _ in self._listeners):
+            self.loop.add_reader(listener.fileno(), lambda: self._accept(listener, is_tcp))
+
+    # ---- reading -----------------------------------------------------------------
+
+    def _readable(self, cid: int) -> None:
+        sock = self._socks[cid]
+        try:
+            data = sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:  # reset by peer and the like: foreseeable
+            self._drop(cid, exc.strerror or "connection error")
+            self._after_hub()
+            return
+        self.hub.receive(cid, data, time.time())
+        if not data:
+            self.loop.remove_reader(sock.fileno())
+        self._after_hub()
+
+    def _fifo_line(self, line: bytes) -> None:
+        text = clean_bytes(line).strip()
+        if text:
+            self.hub.post(self.settings.fifo_name, text, time.time())
+            self._after_hub()
+
+    # ---- writing -------------------------------------------------------------------
+
+    def _after_hub(self) -> None:
+        """After the hub acted: drop the doomed, flush at the end of the turn."""
+        for cid, reason in self.hub.take_doomed():
+            self._drop(cid, reason)
+        self._schedule_flush()
+        self._want_presence()
+
+    def _want_presence(self) -> None:
+        # A summary covers the presence_interval that starts with its first
+        # event: at most one line per interval, and a sender that says hello
+        # right after connecting is never announced at all.
+        if self.hub.presence_pending and self._presence_timer is None and not self._stopping:
+            self._presence_timer = self.loop.call_later(
+                self.settings.presence_interval, self._presence
+            )
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush_dirty)
+
+    def _flush_dirty(self) -> None:
+        self._flush_scheduled = False
+        for cid in self.hub.take_dirty():
+            if cid in self._socks:
+                self._flush(cid)
+        if self._stopping:
+            self._maybe_finished()
+
+    def _flush(self, cid: int) -> None:
+        sock = self._socks[cid]
+        out = self.hub.output(cid)
+        while out:
+            try:
+                n = sock.send(out)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self._drop(cid, exc.strerror or "send failed")
+                return
+            del out[:n]
+        fd = sock.fileno()
+        if out:
+            if not self.loop.has_writer(fd):
+                self.loop.add_writer(fd, lambda: self._writable(cid))
+        else:
+            self.loop.remove_writer(fd)
+            if self.hub.should_close(cid):
+                self._drop(cid, "closed")
+
+    def _writable(self, cid: int) -> None:
+        if cid in self._socks:
+            self._flush(cid)
+            if self._stopping:
+                self._maybe_finished()
+
+    def _drop(self, cid: int, reason: str) -> None:
+        sock = self._socks.pop(cid, None)
+        if sock is None:
+            return
+        self.loop.forget(sock.fileno())
+        sock.close()
+        self.hub.gone(cid, reason)
+        self._want_presence()
+
+    # ---- timers ----------------------------------------------------------------------
+
+    def _presence(self) -> None:
+        self._presence_timer = None
+        if self._stopping:
+            return
+        if self.hub.take_presence():
+            self._after_hub()
+
+    def _log_blocked(self) -> None:
+        writer = self._writer
+        assert writer is not None
+
+        def writable() -> None:
+            writer.flush()
+            if not writer.pending:
+                self.loop.remove_writer(writer.fd)
+
+        self.loop.add_writer(writer.fd, writable)
+
+
+def serve(settings: Settings, writer: logs.StderrWriter | None = None) -> None:
+    """Start and run a server until it is stopped (raises StartupError)."""
+    log.debug("picchat %s starting", __version__)
+    server = Server(settings, writer=writer)
+    server.start()
+    server.run()
