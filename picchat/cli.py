@@ -16,6 +16,7 @@ from .exits import (
     EX_CONFIG,
     EX_DATAERR,
     EX_OK,
+    EX_SOFTWARE,
     EX_UNAVAILABLE,
     EX_USAGE,
 )
@@ -89,6 +90,9 @@ def server_main(argv: list[str] | None = None) -> int:
         return EX_UNAVAILABLE
     except KeyboardInterrupt:  # Ctrl-C before the loop took over the signal
         return 130
+    except Exception:  # a bug of ours: into the log with its traceback, then exit
+        logging.getLogger("picchat").critical("Internal error, stopping", exc_info=True)
+        return EX_SOFTWARE
     finally:
         writer.flush()
     return EX_OK

@@ -25,10 +25,10 @@ class ConfigError(Exception):
     """A setting has a value we cannot use; exit 78 (EX_CONFIG)."""
 
 
-def _opt(default: Any, help: str, *, minimum: float | None = None, choices=None, live=False):
+def _opt(default: Any, help: str, *, minimum: float | None = None, choices=None):
     return field(
         default=default,
-        metadata={"help": help, "min": minimum, "choices": choices, "live": live},
+        metadata={"help": help, "min": minimum, "choices": choices},
     )
 
 
@@ -46,7 +46,7 @@ class Settings:
         "'off': none",
     )
     fifo: str = _opt("", "FIFO to read lines from and broadcast (created if missing; '' for none)")
-    fifo_name: str = _opt("fifo", "sender name of the lines read from the FIFO", live=True)
+    fifo_name: str = _opt("fifo", "sender name of the lines read from the FIFO")
     max_line: int = _opt(
         4096, "longest accepted line in bytes; longer ones are refused", minimum=64
     )
@@ -54,21 +54,18 @@ class Settings:
         262144,
         "bytes of output that may wait for one connection; a reader further behind is disconnected",
         minimum=4096,
-        live=True,
     )
-    history: int = _opt(1000, "messages kept in memory for replay", minimum=1, live=True)
-    max_clients: int = _opt(10000, "connections served at once", minimum=1, live=True)
-    presence_interval: float = _opt(
-        1.0, "seconds between join/leave summary lines", minimum=0.0, live=True
-    )
+    history: int = _opt(1000, "messages kept in memory for replay", minimum=1)
+    max_clients: int = _opt(10000, "connections served at once", minimum=1)
+    presence_interval: float = _opt(1.0, "seconds between join/leave summary lines", minimum=0.0)
     shutdown_timeout: float = _opt(
-        2.0, "seconds to flush output to clients when stopping", minimum=0.0, live=True
+        2.0, "seconds to flush output to clients when stopping", minimum=0.0
     )
     keepalive_idle: int = _opt(60, "TCP keepalive: idle seconds before probing", minimum=1)
     keepalive_interval: int = _opt(10, "TCP keepalive: seconds between probes", minimum=1)
     keepalive_count: int = _opt(3, "TCP keepalive: unanswered probes before a drop", minimum=1)
-    log_level: str = _opt("info", "least important log level shown", choices=LOG_LEVELS, live=True)
-    log_chat: bool = _opt(True, "log every chat line (at info level)", live=True)
+    log_level: str = _opt("info", "least important log level shown", choices=LOG_LEVELS)
+    log_chat: bool = _opt(True, "log every chat line (at info level)")
     log_buffer: int = _opt(
         65536,
         "bytes of log output held while stderr is not writable; beyond it "

@@ -174,11 +174,6 @@ class Hub:
     def members(self) -> int:
         return len(self.room)
 
-    def set_limits(self, *, max_queue: int, history_limit: int, log_chat: bool) -> None:
-        self.max_queue = max_queue
-        self.room.set_history_limit(history_limit)
-        self.log_chat = log_chat
-
     # ---- requests ------------------------------------------------------------
 
     def _handle(self, peer: Peer, request: Request, now: float) -> None:

@@ -10,7 +10,8 @@ Invariants:
 - history holds at most ``history_limit`` messages (oldest dropped first);
 - joins and leaves are not announced one by one: they accumulate until
   ``take_presence`` (called at most once per presence interval) sums them up
-  in one line, and a member that came and went in between is not mentioned.
+  in one line for every member, and a member that came and went in between is
+  not mentioned.
 """
 
 from __future__ import annotations
@@ -151,15 +152,12 @@ class Room:
             tuple(self._left[:PRESENCE_SAMPLE]),
             len(self._left),
         )
-        newcomers = tuple(self._joined)
+        only_news = next(iter(self._joined)) if len(joined) == 1 and not self._left else None
         self._joined.clear()
         self._left.clear()
-        if len(newcomers) == 1:
-            return [Deliver(frame, exclude=newcomers[0])]
-        if newcomers:
-            new = set(newcomers)
-            return [Deliver(frame, to=tuple(m for m in self._names if m not in new))]
-        return [Deliver(frame)]
+        # Everyone gets the summary (newcomers learn who else arrived), except
+        # a lone newcomer whose own arrival is all there is to tell.
+        return [Deliver(frame, exclude=only_news)]
 
     def pending_joins(self) -> list[int]:
         """Members whose join is not announced yet, in order of arrival."""

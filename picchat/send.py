@@ -207,3 +207,9 @@ def send(
         except OSError:
             pass
         return refused
+
+
+if __name__ == "__main__":  # python3 -m picchat.send "message", from a checkout
+    from .cli import send_main
+
+    raise SystemExit(send_main())
