@@ -85,6 +85,9 @@ def server_main(argv: list[str] | None = None) -> int:
     writer = logs.setup(settings.log_level, settings.log_buffer)
     try:
         serve(settings, writer)
+    except ConfigError as exc:
+        logging.getLogger("picchat").error("Configuration error: %s", exc)
+        return EX_CONFIG
     except StartupError as exc:
         logging.getLogger("picchat").error("%s", exc)
         return EX_UNAVAILABLE
@@ -156,4 +159,4 @@ def send_main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
-    return EX_OK if count >= 0 else EX_DATAERR
+    return EX_OK if count == 0 else EX_DATAERR

@@ -13,6 +13,7 @@ Every bound picchat enforces is a setting here, with its default and help.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -117,6 +118,8 @@ def _convert(name: str, value: Any, source: str) -> Any:
             if isinstance(value, bool):
                 raise ValueError(f"{value!r} is not a number")
             value = float(value)
+            if not math.isfinite(value):  # nan would pass every bound check
+                raise ValueError(f"{value!r} is not a finite number")
         elif not isinstance(value, str):
             raise ValueError(f"{value!r} is not a string")
     except ValueError as exc:

@@ -88,8 +88,12 @@ class LineReader:
             self._scanned = len(buf)
         return items
 
-    def take_partial(self) -> bytes:
-        """At end of stream: return (and forget) an unterminated last line."""
+    def take_partial(self) -> Item:
+        """At end of stream: return (and forget) an unterminated last line.
+
+        ``TOO_LONG`` if it is longer than ``max_line``: the buffer may hold
+        ``max_line + 1`` bytes while the last one could still be a CR of CRLF.
+        """
         if self._discarding:
             self._discarding = False
             return b""
@@ -98,4 +102,6 @@ class LineReader:
             rest = rest[:-1]
         self._buf.clear()
         self._scanned = 0
+        if len(rest) > self.max_line:
+            return TOO_LONG
         return rest

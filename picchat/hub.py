@@ -102,7 +102,9 @@ class Hub:
     def receive(self, cid: int, data: bytes, now: float) -> None:
         """Bytes arrived from a connection (``b""``: it closed its end)."""
         peer = self.peers.get(cid)
-        if peer is None or peer.doomed:
+        # A closing peer (it quit, or was refused) is no longer in the room:
+        # what it sends while its last output drains is ignored.
+        if peer is None or peer.doomed or peer.closing:
             return
         for request in peer.proto.receive_data(data):
             self._handle(peer, request, now)

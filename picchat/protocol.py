@@ -235,7 +235,9 @@ class ServerConnection:
         if not data:
             requests: list[Request] = []
             last = self._reader.take_partial()
-            if last:
+            if last is TOO_LONG:
+                requests.append(self._too_long())
+            elif last:
                 requests.extend(self._line(last))
             self.state = State.CLOSED
             requests.append(Closed())
@@ -292,7 +294,8 @@ class ServerConnection:
                 raise ValueError("member must be true or false")
             client = obj.get("client", "")
             client = clean_text(client)[:64] if isinstance(client, str) else ""
-        except ValueError as exc:  # JSONDecodeError and UnicodeError included
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeError
+            # RecursionError: json recurses once per nesting level ("[[[[...").
             self.state = State.CLOSED
             return Fatal("bad_hello", f"bad hello: {exc}")
         self.state = State.JSON
@@ -335,7 +338,7 @@ def _plain_request(line: bytes) -> list[Request]:
 def _json_request(line: bytes) -> Request:
     try:
         obj = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested too deep
         return Invalid("bad_frame", "not a JSON object: ignored")
     if not isinstance(obj, dict):
         return Invalid("bad_frame", "not a JSON object: ignored")
@@ -395,7 +398,7 @@ class ClientConnection:
             else:
                 try:
                     frame = json.loads(item)
-                except ValueError as exc:
+                except (ValueError, RecursionError) as exc:
                     raise ProtocolError(f"the server sent a bad frame: {exc}") from None
                 if not isinstance(frame, dict):
                     raise ProtocolError("the server sent a frame that is not an object")
@@ -409,7 +412,7 @@ class ClientConnection:
             raise ProtocolError("the server's hello reply is malformed")
         try:
             frame = json.loads(m.group(2) or b"{}")
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise ProtocolError(f"the server's hello reply is malformed: {exc}") from None
         if not isinstance(frame, dict):
             raise ProtocolError("the server's hello reply is not an object")

@@ -115,15 +115,16 @@ class Room:
 
     def rename(self, mid: int, name: str, id_: str | None = None) -> list[Deliver]:
         old = self._names[mid]
+        code = "bad_name"
         problem = name_problem(name)
         if problem is None and name == old:
             problem = f"you are {old} already"
         if problem is None:
             owner = self._owners.get(name.casefold())
             if owner is not None and owner != mid:
+                code = "name_taken"
                 problem = f"the name {name} is taken; choose another with /nick NAME"
         if problem is not None:
-            code = "name_taken" if "taken" in problem else "bad_name"
             return [Deliver(Error(code, problem, id_), to=(mid,))]
         del self._owners[old.casefold()]
         self._names[mid] = name

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from . import __version__, logs
-from .config import Settings, socket_path
+from .config import ConfigError, Settings, socket_path
 from .endpoints.fifo import FifoReader
 from .endpoints.listeners import (
     open_tcp,
@@ -73,6 +73,8 @@ class Server:
     def start(self) -> None:
         """Open every listener (raises StartupError) and install signal handlers."""
         s = self.settings
+        if not s.host and socket_path(s) is None and not s.fifo:
+            raise ConfigError("nothing to listen on: set host, socket or fifo")
         try:
             if s.host:
                 sock = open_tcp(s.host, s.port)

@@ -1,0 +1,81 @@
+"""Fixtures for the integration tests: the real server process and real sockets.
+
+The helpers (server process, clients) are in ``support``; every wait there
+has a deadline.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .support import ServerProcess, base_env
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A private directory with a short path (AF_UNIX paths are limited to 108 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="pc", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def start_server(short_tmp: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Factory: start a real server; every one started is stopped at teardown."""
+    started: list[ServerProcess] = []
+
+    def start(
+        *extra: str,
+        env: dict[str, str] | None = None,
+        port: str | None = "0",
+        sock: str | Path | None = "default",
+        presence: str = "0.2",
+        wait: bool = True,
+    ) -> ServerProcess:
+        args = [sys.executable, "-m", "picchat", "--presence-interval", presence]
+        if port is not None:
+            args += ["--port", port]
+        sock_path: Path | None = None
+        if sock == "default":
+            sock_path = short_tmp / "s.sock"
+        elif sock is not None:
+            sock_path = Path(sock)
+        if sock_path is not None:
+            args += ["--socket", str(sock_path)]
+        args += list(extra)
+        server = ServerProcess(args, env if env is not None else base_env(), sock_path)
+        started.append(server)
+        if wait:
+            server.wait_ready()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def server(start_server: Callable[..., ServerProcess]) -> ServerProcess:
+    """A server with the default test settings, on a free port and a private socket."""
+    return start_server()
+
+
+@pytest.fixture
+def clients() -> Iterator[list[Any]]:
+    """A list the test appends its clients to; all are closed at teardown."""
+    made: list[Any] = []
+    yield made
+    for c in made:
+        try:
+            c.close()
+        except OSError:
+            pass

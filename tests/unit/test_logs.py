@@ -1,0 +1,315 @@
+"""Logging: journald priorities under systemd, readable lines otherwise, never blocking."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+
+import pytest
+
+from picchat import logs
+from picchat.logs import StderrWriter, WriterHandler, journal_stream
+
+LIMIT = 4096
+
+
+class ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def captured(name: str):
+    """Records logged to logger ``name`` (whatever the picchat loggers' setup)."""
+    logger = logging.getLogger(name)
+    handler = ListHandler()
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler.records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
+@pytest.fixture
+def pipe():
+    r, w = os.pipe()
+    yield r, w
+    for fd in (r, w):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def read_all(fd: int) -> bytes:
+    """Everything the pipe holds now (the read end is non-blocking)."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# ---- journal detection ------------------------------------------------------------------
+
+
+def dev_ino(fd: int) -> str:
+    st = os.fstat(fd)
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+def test_journal_stream_true_only_for_the_named_stream(tmp_path, pipe):
+    _r, w = pipe
+    with open(tmp_path / "f", "wb") as f:
+        fd = f.fileno()
+        assert journal_stream(fd, {"JOURNAL_STREAM": dev_ino(fd)}) is True
+        assert journal_stream(fd, {"JOURNAL_STREAM": dev_ino(w)}) is False
+        st = os.fstat(fd)
+        assert journal_stream(fd, {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}"}) is False
+        assert journal_stream(fd, {"JOURNAL_STREAM": f"{st.st_dev + 1}:{st.st_ino}"}) is False
+        assert journal_stream(fd, {}) is False
+        for junk in ("", ":", "abc", f"{st.st_dev}", f"{st.st_dev}:", f"x:{st.st_ino}"):
+            assert journal_stream(fd, {"JOURNAL_STREAM": junk}) is False, junk
+
+
+def test_journal_stream_of_a_closed_fd_is_false(pipe):
+    _r, w = pipe
+    value = dev_ino(w)
+    os.close(w)
+    assert journal_stream(w, {"JOURNAL_STREAM": value}) is False
+
+
+# ---- formatting ----------------------------------------------------------------------------
+
+
+def log_to_file(tmp_path, journal: bool, level: int, msg: str, *args, **kwargs) -> str:
+    path = tmp_path / "out.log"
+    with open(path, "wb") as f:
+        writer = StderrWriter(fd=f.fileno(), limit=65536)
+        handler = WriterHandler(writer, journal)
+        logger = logging.getLogger("picchat.tests.logs")
+        logger.addHandler(handler)
+        old = logger.level, logger.propagate
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False
+        try:
+            logger.log(level, msg, *args, **kwargs)
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(old[0])
+            logger.propagate = old[1]
+            writer.close()
+    return path.read_text()
+
+
+@pytest.mark.parametrize(
+    ("level", "prefix"),
+    [
+        (logging.DEBUG, "<7>"),
+        (logging.INFO, "<6>"),
+        (logging.WARNING, "<4>"),
+        (logging.ERROR, "<3>"),
+        (logging.CRITICAL, "<2>"),
+    ],
+)
+def test_journal_lines_carry_the_syslog_priority(tmp_path, level, prefix):
+    assert log_to_file(tmp_path, True, level, "hello %s", "there") == f"{prefix}hello there\n"
+
+
+def test_journal_mode_prefixes_every_line_of_a_multiline_message(tmp_path):
+    out = log_to_file(tmp_path, True, logging.WARNING, "one\ntwo\nthree")
+    assert out == "<4>one\n<4>two\n<4>three\n"
+
+
+def test_journal_mode_prefixes_every_line_of_a_traceback(tmp_path):
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        out = log_to_file(tmp_path, True, logging.ERROR, "failed", exc_info=True)
+    lines = out.splitlines()
+    assert lines[0] == "<3>failed"
+    assert len(lines) > 3
+    assert all(line.startswith("<3>") for line in lines)
+    assert lines[-1] == "<3>RuntimeError: boom"
+
+
+def test_journal_mode_has_no_timestamp(tmp_path):
+    out = log_to_file(tmp_path, True, logging.INFO, "plain")
+    assert not re.search(r"\d\d:\d\d:\d\d", out)
+
+
+@pytest.mark.parametrize("level", [logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR])
+def test_readable_mode_has_timestamp_and_level(tmp_path, level):
+    out = log_to_file(tmp_path, False, level, "hello %d", 42)
+    name = logging.getLevelName(level)
+    assert re.fullmatch(rf"\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d {name} hello 42\n", out), out
+    assert not out.startswith("<")
+
+
+def test_setup_routes_picchat_loggers_to_the_fd(tmp_path, monkeypatch):
+    root = logging.getLogger("picchat")
+    saved = root.level, root.propagate, list(root.handlers)
+    monkeypatch.setattr(logs, "_handler", None)
+    path = tmp_path / "stderr"
+    with open(path, "wb") as f:
+        monkeypatch.setenv("JOURNAL_STREAM", dev_ino(f.fileno()))
+        try:
+            writer = logs.setup("warning", 8192, fd=f.fileno())
+            assert writer.limit == 8192
+            logging.getLogger("picchat.something").info("not shown")
+            logging.getLogger("picchat.something").warning("shown")
+            logs.set_level("debug")
+            logging.getLogger("picchat.other").debug("now shown")
+            writer = logs.setup("info", 8192, fd=f.fileno())  # again: replaces the handler
+            logging.getLogger("picchat").info("once")
+        finally:
+            for h in root.handlers:
+                if h not in saved[2]:
+                    root.removeHandler(h)
+                    h.writer.close()
+            root.setLevel(saved[0])
+            root.propagate = saved[1]
+    assert path.read_text() == "<4>shown\n<7>now shown\n<6>once\n"
+
+
+# ---- the non-blocking writer ------------------------------------------------------------------
+
+
+def test_writer_on_a_pipe_that_is_never_read_never_blocks(pipe):
+    r, w = pipe
+    os.set_blocking(r, False)
+    with contextlib.suppress(OSError):  # a small pipe, if we may: fewer bytes to fill it
+        fcntl.fcntl(w, getattr(fcntl, "F_SETPIPE_SZ", 1031), 4096)
+    writer = StderrWriter(fd=w, limit=LIMIT)
+    blocked = []
+    writer.on_blocked = lambda: blocked.append(True)
+    accepted = []
+    total = 0
+    i = 0
+    while total <= (1 << 20) + 100_000:  # well over 1 MB, in a bounded loop
+        line = f"line {i:06d} ".encode() + b"x" * 88 + b"\n"
+        before = writer.dropped
+        writer.write(line)  # a blocking write would hang here (pytest-timeout)
+        if writer.dropped == before:
+            accepted.append(line)
+        assert writer.pending <= LIMIT
+        total += len(line)
+        i += 1
+    assert writer.dropped > 0
+    assert blocked
+    assert writer.pending > 0
+    dropped = writer.dropped
+    # Our own description is non-blocking; the caller's fd is left as it was.
+    assert os.get_blocking(w)
+
+    first = read_all(r)  # the reader wakes up and drains the pipe
+    with captured("picchat.logs") as records:
+        writer.flush()
+    assert writer.pending == 0
+    assert writer.dropped == 0
+    rest = read_all(r)
+    assert rest  # what waited in the buffer came out
+    assert first + rest == b"".join(accepted)
+    warnings = [rec for rec in records if rec.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert str(dropped) in warnings[0].getMessage()
+    assert "dropped" in warnings[0].getMessage()
+    writer.close()
+
+
+def test_writer_passes_lines_through_while_the_reader_keeps_up(pipe):
+    r, w = pipe
+    os.set_blocking(r, False)
+    writer = StderrWriter(fd=w, limit=LIMIT)
+    got = []
+    for i in range(100):
+        writer.write(b"%d\n" % i)
+        got.append(read_all(r))
+    assert b"".join(got) == b"".join(b"%d\n" % i for i in range(100))
+    assert writer.pending == 0
+    assert writer.dropped == 0
+    writer.close()
+
+
+def test_a_line_longer_than_the_buffer_is_dropped_when_stderr_is_full(pipe):
+    r, w = pipe
+    os.set_blocking(r, False)
+    writer = StderrWriter(fd=w, limit=LIMIT)
+    while writer.pending == 0:  # fill the pipe
+        writer.write(b"y" * 1000)
+    writer.write(b"z" * (LIMIT + 1))
+    assert writer.dropped == 1
+    assert writer.pending <= LIMIT
+    writer.close()
+
+
+def test_writer_on_a_socket_never_blocks():
+    a, b = socket.socketpair()
+    try:
+        writer = StderrWriter(fd=a.fileno(), limit=LIMIT)
+        for _ in range(20_000):
+            writer.write(b"q" * 99 + b"\n")
+            assert writer.pending <= LIMIT
+        assert writer.dropped > 0
+        assert a.getblocking()  # the shared socket's flags are untouched
+        writer.close()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_writer_with_a_reader_gone_discards_quietly(pipe):
+    r, w = pipe
+    writer = StderrWriter(fd=w, limit=LIMIT)
+    os.close(r)
+    old = signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # Python's default, made sure
+    try:
+        writer.write(b"into the void\n")  # EPIPE: nothing to do, nothing raised
+    finally:
+        signal.signal(signal.SIGPIPE, old)
+    assert writer.pending == 0
+    writer.close()
+
+
+def test_writer_without_stderr_drops_everything(pipe):
+    _r, w = pipe
+    os.close(w)
+    writer = StderrWriter(fd=w, limit=LIMIT)
+    assert writer.fd == -1
+    writer.write(b"nobody listens\n")
+    assert writer.pending == 0
+
+
+def test_writer_close_leaves_the_callers_fd_open(pipe):
+    _r, w = pipe
+    writer = StderrWriter(fd=w, limit=LIMIT)
+    writer.close()
+    assert writer.fd == -1
+    os.fstat(w)  # still open
+    writer.write(b"after close\n")  # ignored, not an error
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc/self/fd")
+def test_writer_reopens_a_pipe_as_its_own_description(pipe):
+    _r, w = pipe
+    writer = StderrWriter(fd=w, limit=LIMIT)
+    assert writer.fd != w
+    assert not os.get_blocking(writer.fd)
+    assert os.get_blocking(w)
+    writer.close()
