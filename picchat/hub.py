@@ -38,7 +38,7 @@ from .events import (
     Welcome,
     Who,
 )
-from .protocol import ServerConnection, Wire, encode, encode_hello_reply
+from .protocol import ServerConnection, State, Wire, encode, encode_hello_reply
 from .room import Deliver, Room, name_problem
 
 log = logging.getLogger(__name__)
@@ -136,11 +136,18 @@ class Hub:
 
     def take_presence(self) -> bool:
         """Announce pending joins and leaves; True if there were any."""
-        for cid in self.room.pending_joins():
-            self._log_member(self.peers[cid])
-        out = self.room.take_presence()
+        waiting = self.room.pending_joins()
+        out = self.room.take_presence(hold=self._undecided)
+        still = set(self.room.pending_joins())
+        for cid in waiting:
+            if cid not in still:
+                self._log_member(self.peers[cid])
         self._deliver_all(out)
         return bool(out)
+
+    def _undecided(self, cid: int) -> bool:
+        """Has not sent its first line yet (it may still turn out to be a sender)."""
+        return self.peers[cid].proto.state is State.AWAIT_FIRST
 
     def shutdown(self, text: str) -> None:
         """Tell everyone the server is going down; close after flushing."""

@@ -17,7 +17,7 @@ Invariants:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .events import Chat, Error, Frame, Message, Names, Presence, Renamed
@@ -70,7 +70,7 @@ class Room:
         self._names: dict[int, str] = {}
         self._owners: dict[str, int] = {}
         self._guest_counter = 0
-        self._joined: dict[int, None] = {}  # ordered set
+        self._joined: dict[int, bool] = {}  # in order of arrival -> held back once
         self._left: list[str] = []
 
     # ---- membership ------------------------------------------------------
@@ -101,7 +101,7 @@ class Room:
                 break
         self._names[mid] = name
         self._owners[name.casefold()] = mid
-        self._joined[mid] = None
+        self._joined[mid] = False
         return name
 
     def leave(self, mid: int) -> None:
@@ -142,19 +142,31 @@ class Room:
             sample.append(name)
         return Names(tuple(sample), len(self._names), id_)
 
-    def take_presence(self) -> list[Deliver]:
-        """Sum up the joins and leaves since the last call in one frame."""
-        if not self._joined and not self._left:
+    def take_presence(self, hold: Callable[[int], bool] | None = None) -> list[Deliver]:
+        """Sum up the joins and leaves since the last call in one frame.
+
+        ``hold(mid)`` true keeps a join for the next call, once: the hub holds
+        back connections that have not said anything yet, so a sender that
+        says hello just after a window closes is never announced.
+        """
+        announce = []
+        for mid, held in self._joined.items():
+            if hold is not None and not held and hold(mid):
+                self._joined[mid] = True
+            else:
+                announce.append(mid)
+        if not announce and not self._left:
             return []
-        joined = [self._names[mid] for mid in self._joined]
+        joined = [self._names[mid] for mid in announce]
+        for mid in announce:
+            del self._joined[mid]
         frame = Presence(
             tuple(joined[:PRESENCE_SAMPLE]),
             len(joined),
             tuple(self._left[:PRESENCE_SAMPLE]),
             len(self._left),
         )
-        only_news = next(iter(self._joined)) if len(joined) == 1 and not self._left else None
-        self._joined.clear()
+        only_news = announce[0] if len(announce) == 1 and not self._left else None
         self._left.clear()
         # Everyone gets the summary (newcomers learn who else arrived), except
         # a lone newcomer whose own arrival is all there is to tell.

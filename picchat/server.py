@@ -318,8 +318,8 @@ class Server:
         self._presence_timer = None
         if self._stopping:
             return
-        if self.hub.take_presence():
-            self._after_hub()
+        self.hub.take_presence()
+        self._after_hub()  # schedules the next window if joins were held back
 
     def _log_blocked(self) -> None:
         writer = self._writer

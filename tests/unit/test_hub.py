@@ -136,6 +136,7 @@ def test_a_lone_newcomer_is_announced_to_the_others_only(net):
     net.plain(1)
     net.settle()
     net.open(2)
+    assert net.presence() is False  # silent so far: held back one window
     assert net.presence() is True
     assert net.lines(1) == ["* guest2 joined"]
     assert net.read(2) == b""
@@ -144,8 +145,8 @@ def test_a_lone_newcomer_is_announced_to_the_others_only(net):
 def test_presence_is_announced_to_everyone(net):
     net.plain(1)
     net.settle()
-    net.open(2)
-    net.open(3)
+    net.plain(2)
+    net.plain(3)
     assert net.presence() is True
     assert net.lines(1) == ["* guest2, guest3 joined"]
     assert net.lines(2) == ["* guest2, guest3 joined"]
@@ -330,10 +331,31 @@ def test_sender_is_not_a_member_and_is_never_announced(net):
 def test_sender_arriving_with_a_member_is_left_out_of_the_presence_line(net):
     net.plain(1)
     net.settle()
-    net.open(2)
+    net.plain(2)
     net.open(3)
     net.send(3, encode_hello("cron", member=False))
     net.read(3)
+    assert net.presence() is True
+    assert net.lines(1) == ["* guest2 joined"]
+
+
+def test_a_silent_connection_is_held_back_one_window_so_a_late_sender_is_never_announced(net):
+    net.plain(1)
+    net.settle()
+    net.open(2)
+    assert net.presence() is False  # the window closed before its first line
+    net.send(2, encode_hello("cron", member=False))
+    net.read(2)
+    assert net.presence() is False
+    assert net.read(1) == b""
+
+
+def test_a_listener_that_never_types_is_announced_one_window_late(net):
+    net.plain(1)
+    net.settle()
+    net.open(2)
+    assert net.presence() is False
+    assert net.lines(1) == []
     assert net.presence() is True
     assert net.lines(1) == ["* guest2 joined"]
 
@@ -488,6 +510,7 @@ def test_a_presence_line_for_many_is_encoded_once_per_format(net, encode_calls):
     net.settle()
     for cid in range(60, 160):
         net.open(cid)
+    assert net.presence() is False  # all silent so far: held back one window
     encode_calls.clear()
     assert net.presence() is True
     assert len(encode_calls) == 2
