@@ -160,3 +160,55 @@ def send_main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return EX_OK if count == 0 else EX_DATAERR
+
+
+def client_parser() -> Parser:
+    p = Parser(
+        prog="picchat-client",
+        description="Chat interactively through a picchat server. It reconnects by itself "
+        "and shows every message missed meanwhile; lines typed while disconnected are sent "
+        "on reconnection. By default it uses the server's local socket if that exists, "
+        "else TCP 127.0.0.1:1234.",
+        epilog="Keys: Enter sends, Backspace, Ctrl-U clears the line, Ctrl-W deletes a word, "
+        "Ctrl-C drops the line (on an empty line: quits), Ctrl-D on an empty line quits. "
+        "Exit codes: 0 quit, 64 usage error, 69 no such socket, 76 protocol error, "
+        "77 the local socket exists but we may not use it.",
+    )
+    p.add_argument("--socket", metavar="PATH", help="the server's Unix socket")
+    p.add_argument("--host", help="server host (forces TCP; default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="server TCP port (forces TCP; default 1234)")
+    p.add_argument("--name", help="the name to chat under (default: a guest name)")
+    p.add_argument(
+        "--retry",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="seconds between reconnection attempts, +-10%% (default: 5)",
+    )
+    p.add_argument(
+        "--max-pending",
+        type=int,
+        default=100,
+        metavar="N",
+        help="messages kept while disconnected or unacknowledged (default: 100)",
+    )
+    p.add_argument("--version", action="version", version=f"picchat {__version__}")
+    return p
+
+
+def client_main(argv: list[str] | None = None) -> int:
+    from .client import run_client
+
+    args = client_parser().parse_args(argv)
+    if args.port is not None and not 0 < args.port < 65536:
+        print("picchat-client: --port must be between 1 and 65535", file=sys.stderr)
+        return EX_USAGE
+    if args.retry <= 0 or args.max_pending < 1:
+        print("picchat-client: --retry and --max-pending must be positive", file=sys.stderr)
+        return EX_USAGE
+    try:
+        return run_client(
+            args.socket, args.host, args.port, args.name, args.retry, args.max_pending
+        )
+    except KeyboardInterrupt:
+        return 130

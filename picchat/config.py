@@ -58,6 +58,17 @@ class Settings:
     )
     history: int = _opt(1000, "messages kept in memory for replay", minimum=1)
     max_clients: int = _opt(10000, "connections served at once", minimum=1)
+    sessions: int = _opt(
+        10000,
+        "sessions of disconnected clients remembered so they can resume without duplicates",
+        minimum=0,
+    )
+    dedupe_window: int = _opt(
+        128,
+        "message ids remembered per session to drop a message resent after a lost ack; "
+        "a client keeps fewer unacknowledged messages than this",
+        minimum=1,
+    )
     presence_interval: float = _opt(1.0, "seconds between join/leave summary lines", minimum=0.0)
     shutdown_timeout: float = _opt(
         2.0, "seconds to flush output to clients when stopping", minimum=0.0

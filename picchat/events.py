@@ -19,6 +19,16 @@ class Hello:
     name: str | None = None
     member: bool = True  # False: a one-shot sender such as picchat-send
     client: str = ""
+    session: str | None = None  # token from an earlier welcome: resume that session
+    resume: Resume | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """The last message a reconnecting client saw: replay what came after."""
+
+    history_id: str
+    seq: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,11 +93,13 @@ class Message:
     time: float  # seconds since the epoch, when the server accepted it
     sender: str
     text: str
+    origin: str = ""  # the sender's session token: not sent, keeps replays from echoing
 
 
 @dataclass(frozen=True, slots=True)
 class Chat:
     message: Message
+    replay: bool = False  # sent again from history to a resuming client
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +110,16 @@ class Welcome:
     max_line: int
     server: str
     member: bool = True
+    session: str | None = None  # present it in a later hello to resume
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """A resuming client cannot get everything it missed."""
+
+    reason: str  # "overflow": history too short; "new_history": the server's history restarted
+    missed: int | None  # how many messages are lost for good, when known
+    text: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,4 +169,4 @@ class Bye:
     text: str
 
 
-Frame = Chat | Welcome | Notice | Presence | Renamed | Names | Ack | Error | Bye
+Frame = Chat | Welcome | Notice | Presence | Renamed | Names | Ack | Error | Bye | Gap

@@ -5,8 +5,20 @@ Still sans I/O. The I/O layer (``server``) tells the hub what happened
 ``output(cid)`` for the connections in ``take_dirty()``, closes those for
 which ``should_close(cid)`` holds, and drops those in ``take_doomed()`` at once.
 
+Sessions and resume (structured members): the welcome hands out a session
+token. A client that reconnects presents it with the last (history id, seq)
+it saw; the hub then closes the old connection if it still holds the session
+(its death not yet noticed), hands its place and name to the new one, and
+replays the history after that seq. Replay is paced: history is copied into
+the output queue only while the queue is under half of ``max_queue``
+(``refill``), and live chat for a replaying peer is not queued at all -- it
+is in history already, so order is kept and memory stays bounded. Message
+ids are remembered per session (the last ``dedupe_window``), so a message
+resent after a lost ack is acknowledged again, not posted twice.
+
 Invariants:
-- a frame is encoded at most once per wire format per delivery;
+- a frame is encoded at most once per wire format per delivery (replays,
+  which go to one peer each, excepted);
 - a connection's output queue never exceeds ``max_queue`` bytes: a peer that
   stops reading is dropped (and leaves the room) instead of stalling others
   or growing memory without bound;
@@ -17,23 +29,29 @@ Invariants:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import secrets
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 
 from . import __version__
 from .events import (
     Ack,
     Bye,
+    Chat,
     Closed,
     Error,
     Fatal,
     Frame,
+    Gap,
     Hello,
     Help,
     Invalid,
     Nick,
     Notice,
     Quit,
+    Renamed,
     Request,
+    Resume,
     Say,
     Welcome,
     Who,
@@ -51,10 +69,31 @@ HELP_TEXT = (
 )
 
 
+class Session:
+    """What outlives one connection of a structured member."""
+
+    __slots__ = ("cid", "acked")
+
+    def __init__(self, cid: int | None) -> None:
+        self.cid = cid  # the connection holding it, None while away
+        self.acked: OrderedDict[str, int] = OrderedDict()  # message id -> seq
+
+
 class Peer:
     """One connection as the hub sees it."""
 
-    __slots__ = ("cid", "address", "proto", "out", "sender", "closing", "doomed", "logged")
+    __slots__ = (
+        "cid",
+        "address",
+        "proto",
+        "out",
+        "sender",
+        "closing",
+        "doomed",
+        "logged",
+        "session",
+        "replay_next",
+    )
 
     def __init__(self, cid: int, address: str, max_line: int) -> None:
         self.cid = cid
@@ -65,6 +104,8 @@ class Peer:
         self.closing = False  # close once the output queue is flushed
         self.doomed = False  # close now, unsent output is dropped
         self.logged = False  # its arrival as a member was logged
+        self.session: str | None = None  # its session token (structured members)
+        self.replay_next: int | None = None  # next history seq to replay, None: live
 
 
 class Hub:
@@ -76,11 +117,21 @@ class Hub:
         max_line: int,
         max_queue: int,
         log_chat: bool = True,
+        max_sessions: int = 10000,
+        dedupe_window: int = 128,
+        new_token: Callable[[], str] = lambda: secrets.token_hex(16),
     ) -> None:
         self.room = Room(history_id, history_limit)
         self.max_line = max_line
         self.max_queue = max_queue
         self.log_chat = log_chat
+        self.max_sessions = max_sessions
+        self.dedupe_window = dedupe_window
+        self._new_token = new_token
+        self.sessions: dict[str, Session] = {}
+        self._away: OrderedDict[str, None] = (
+            OrderedDict()
+        )  # sessions with no connection, oldest first
         self.peers: dict[int, Peer] = {}
         self.messages = 0  # accepted since start
         self._dirty: set[int] = set()
@@ -121,6 +172,7 @@ class Hub:
         if peer is None:
             return
         self._dirty.discard(cid)
+        self._detach(peer)
         if cid in self.room:
             name = self.room.name_of(cid)
             self.room.leave(cid)
@@ -191,12 +243,22 @@ class Hub:
             self._log_member(peer)
         match request:
             case Say(text=text, id=id_):
+                session = self.sessions.get(peer.session) if peer.session else None
+                if session is not None and id_ is not None and id_ in session.acked:
+                    # Sent again after a lost ack: it is in already.
+                    self._send(peer, Ack(id_, session.acked[id_]))
+                    return
                 if peer.sender is not None:
                     msg = self._post(peer.sender, text, now, exclude=None)
                 else:
-                    msg = self._post(self.room.name_of(cid), text, now, exclude=cid)
+                    name = self.room.name_of(cid)
+                    msg = self._post(name, text, now, exclude=cid, origin=peer.session or "")
                 if id_ is not None and peer.proto.wire is Wire.JSON:
                     self._send(peer, Ack(id_, msg.seq))
+                    if session is not None:
+                        session.acked[id_] = msg.seq
+                        if len(session.acked) > self.dedupe_window:
+                            session.acked.popitem(last=False)
             case Hello():
                 self._hello(peer, request)
             case Nick(name=name, id=id_):
@@ -240,14 +302,117 @@ class Hub:
             self._send(peer, self._welcome(name, member=False))
             log.debug("%s (%s) is a sender (%s)", name, peer.address, hello.client)
             return
+        resumed = self._attach(peer, hello.session)
         replies: list[Deliver] = []
         if hello.name is not None and hello.name != self.room.name_of(cid):
-            replies = self.room.rename(cid, hello.name)
-        self._send(peer, self._welcome(self.room.name_of(cid)))
+            # The welcome carries the new name: only errors need telling.
+            replies = [
+                d
+                for d in self.room.rename(cid, hello.name)
+                if not (isinstance(d.frame, Renamed) and d.to == (cid,))
+            ]
+        self._send(peer, self._welcome(self.room.name_of(cid), session=peer.session))
         self._deliver_all(replies)
-        self._log_member(peer)
+        if hello.resume is not None:
+            self._start_replay(peer, hello.resume)
+        if resumed:
+            peer.logged = True
+            log.info("%s resumed its session from %s", self.room.name_of(cid), peer.address)
+        else:
+            self._log_member(peer)
 
-    def _welcome(self, name: str, member: bool = True) -> Welcome:
+    # ---- sessions and replay ---------------------------------------------------
+
+    def _attach(self, peer: Peer, token: str | None) -> bool:
+        """Give ``peer`` its session: the one named by ``token`` if known (True),
+        else a new one. A connection still holding that session is replaced."""
+        session = self.sessions.get(token) if token else None
+        if session is None or token is None:
+            token = self._new_token()
+            self.sessions[token] = Session(peer.cid)
+            peer.session = token
+            return False
+        self._away.pop(token, None)
+        old = self.peers.get(session.cid) if session.cid is not None else None
+        if old is not None and old is not peer:
+            # The client came back before TCP noticed its old connection die:
+            # close that one and give its place in the room to the new one.
+            if old.cid in self.room:
+                self.room.transfer(old.cid, peer.cid)
+            old.session = None
+            self._doom(old, "replaced by a reconnection of the same session")
+        session.cid = peer.cid
+        peer.session = token
+        return True
+
+    def _detach(self, peer: Peer) -> None:
+        if peer.session is not None:
+            session = self.sessions.get(peer.session)
+            if session is not None and session.cid == peer.cid:
+                session.cid = None
+                # Remember it for a while, so the client can resume; forget
+                # the longest-away sessions beyond max_sessions.
+                self._away[peer.session] = None
+                while len(self._away) > self.max_sessions:
+                    token, _ = self._away.popitem(last=False)
+                    del self.sessions[token]
+            peer.session = None
+
+    def _start_replay(self, peer: Peer, resume: Resume) -> None:
+        room = self.room
+        if resume.history_id != room.history_id:
+            self._send(
+                peer,
+                Gap(
+                    "new_history",
+                    None,
+                    "The server's message history has restarted (was the server restarted?): "
+                    "there may be a gap. Here is everything it still has.",
+                ),
+            )
+            peer.replay_next = room.oldest_seq
+        else:
+            peer.replay_next = max(resume.seq + 1, 1)
+            if peer.replay_next < room.oldest_seq:
+                self._send(peer, self._overflow_gap(room.oldest_seq - peer.replay_next))
+                peer.replay_next = room.oldest_seq
+        self.refill(peer.cid)
+
+    def _overflow_gap(self, missed: int) -> Gap:
+        return Gap(
+            "overflow",
+            missed,
+            f"You missed {missed} message{'s' if missed != 1 else ''}: the server keeps only "
+            f"the last {self.room.history.maxlen}.",
+        )
+
+    def refill(self, cid: int) -> bool:
+        """Copy more history into a replaying peer's queue, up to half of
+        max_queue. Returns True while the replay goes on."""
+        peer = self.peers.get(cid)
+        if peer is None or peer.replay_next is None or peer.doomed:
+            return False
+        room = self.room
+        if peer.replay_next < room.oldest_seq:  # history moved on under the replay
+            self._send(peer, self._overflow_gap(room.oldest_seq - peer.replay_next))
+            peer.replay_next = room.oldest_seq
+        limit = self.max_queue // 2
+        while len(peer.out) < limit:
+            msg = room.message(peer.replay_next)
+            if msg is None:  # caught up with the present: live from now on
+                peer.replay_next = None
+                return False
+            peer.replay_next += 1
+            if msg.origin and msg.origin == peer.session:
+                continue  # its own message: it has it
+            self._queue(peer, encode(Chat(msg, replay=True), peer.proto.wire))
+        return True
+
+    def replaying(self, cid: int) -> bool:
+        peer = self.peers.get(cid)
+        return peer is not None and peer.replay_next is not None
+
+    def _welcome(self, name: str, member: bool = True, session: str | None = None) -> Welcome:
         return Welcome(
             name=name,
             history_id=self.room.history_id,
@@ -255,7 +420,16 @@ class Hub:
             max_line=self.max_line,
             server=f"picchat/{__version__}",
             member=member,
+            session=session,
         )
+
+    def _doom(self, peer: Peer, reason: str) -> None:
+        """Close ``peer`` now; the I/O layer collects it from take_doomed()."""
+        peer.doomed = True
+        peer.out.clear()
+        peer.replay_next = None
+        self._dirty.discard(peer.cid)
+        self._doomed.append((peer.cid, reason))
 
     def _close_after_flush(self, peer: Peer) -> None:
         peer.closing = True
@@ -273,8 +447,8 @@ class Hub:
             level = logging.INFO if peer.logged else logging.DEBUG
             log.log(level, "%s (%s) left: %s", name, peer.address, how)
 
-    def _post(self, sender: str, text: str, now: float, exclude: int | None):
-        msg, out = self.room.post(sender, text, now, exclude)
+    def _post(self, sender: str, text: str, now: float, exclude: int | None, origin: str = ""):
+        msg, out = self.room.post(sender, text, now, exclude, origin)
         self.messages += 1
         if self.log_chat:
             chat_log.info("%s: %s", sender, text)
@@ -292,10 +466,13 @@ class Hub:
         encoded: dict[Wire, bytes] = {}
         recipients = d.to if d.to is not None else self.room.members()
         overflowed = []
+        live_chat = isinstance(d.frame, Chat)
         for cid in recipients:
             if cid == d.exclude:
                 continue
             peer = self.peers[cid]
+            if live_chat and peer.replay_next is not None:
+                continue  # a replaying peer gets it from history, in order
             wire = peer.proto.wire
             data = encoded.get(wire)
             if data is None:
@@ -316,13 +493,10 @@ class Hub:
         if len(peer.out) + len(data) > self.max_queue:
             # A reader this far behind has stopped reading: waiting for it
             # would stall everyone or grow without bound. It can reconnect.
-            peer.doomed = True
-            peer.out.clear()
-            self._dirty.discard(peer.cid)
             name = self.room.name_of(peer.cid) if peer.cid in self.room else peer.address
             reason = f"too slow: it stopped reading with {self.max_queue} bytes (max_queue) waiting"
             log.warning("Disconnecting %s (%s): %s", name, peer.address, reason)
-            self._doomed.append((peer.cid, reason))
+            self._doom(peer, reason)
             if leave:
                 self._leave(peer, "too slow")
             return False

@@ -34,6 +34,7 @@ from .events import (
     Error,
     Fatal,
     Frame,
+    Gap,
     Hello,
     Help,
     Invalid,
@@ -45,6 +46,7 @@ from .events import (
     Quit,
     Renamed,
     Request,
+    Resume,
     Say,
     Welcome,
     Who,
@@ -102,7 +104,7 @@ def plain_text(frame: Frame) -> str | None:
             return f"{sender}: {text}"
         case Welcome(name=name):
             return f"* Welcome to picchat! You are {name}. Type /help for commands."
-        case Notice(text=text) | Bye(text=text):
+        case Notice(text=text) | Bye(text=text) | Gap(text=text):
             return f"* {text}"
         case Presence():
             return "* " + presence_text(frame)
@@ -122,8 +124,11 @@ def plain_text(frame: Frame) -> str | None:
 
 def json_object(frame: Frame) -> dict[str, Any]:
     match frame:
-        case Chat(Message(seq=seq, time=t, sender=sender, text=text)):
-            return {"type": "msg", "seq": seq, "time": t, "from": sender, "text": text}
+        case Chat(Message(seq=seq, time=t, sender=sender, text=text), replay=replay):
+            obj = {"type": "msg", "seq": seq, "time": t, "from": sender, "text": text}
+            if replay:
+                obj["replay"] = True
+            return obj
         case Welcome():
             return {
                 "type": "welcome",
@@ -133,7 +138,9 @@ def json_object(frame: Frame) -> dict[str, Any]:
                 "seq": frame.seq,
                 "max_line": frame.max_line,
                 "server": frame.server,
-            }
+            } | ({"session": frame.session} if frame.session else {})
+        case Gap(reason=reason, missed=missed, text=text):
+            return {"type": "gap", "reason": reason, "missed": missed, "text": text}
         case Notice(text=text, code=code):
             return {"type": "notice", "code": code, "text": text}
         case Presence():
@@ -294,12 +301,29 @@ class ServerConnection:
                 raise ValueError("member must be true or false")
             client = obj.get("client", "")
             client = clean_text(client)[:64] if isinstance(client, str) else ""
+            session = obj.get("session")
+            if session is not None and (not isinstance(session, str) or len(session) > 64):
+                raise ValueError("session must be a string of at most 64 characters")
+            resume = _resume(obj.get("resume"))
         except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeError
             # RecursionError: json recurses once per nesting level ("[[[[...").
             self.state = State.CLOSED
             return Fatal("bad_hello", f"bad hello: {exc}")
         self.state = State.JSON
-        return Hello(VERSION, name, member, client)
+        return Hello(VERSION, name, member, client, session, resume)
+
+
+def _resume(value: Any) -> Resume | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError("resume must be an object")
+    history_id, seq = value.get("history_id"), value.get("seq")
+    if not isinstance(history_id, str) or len(history_id) > 64:
+        raise ValueError("resume.history_id must be a string")
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+        raise ValueError("resume.seq must be a whole number >= 0")
+    return Resume(history_id, seq)
 
 
 _COMMANDS = "/nick NAME, /who, /help, /quit"

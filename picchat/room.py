@@ -90,6 +90,23 @@ class Room:
     def set_history_limit(self, limit: int) -> None:
         self.history = deque(self.history, maxlen=max(1, limit))
 
+    def transfer(self, old: int, new: int) -> None:
+        """Member ``new`` takes over ``old``'s place and name, silently.
+
+        A client that reconnects before the server noticed its old connection
+        die: nobody should see it leave and come back, and ``new``'s own
+        provisional guest entry goes too.
+        """
+        if new in self._names:
+            name = self._names.pop(new)
+            del self._owners[name.casefold()]
+            self._joined.pop(new, None)
+        name = self._names.pop(old)
+        self._names[new] = name
+        self._owners[name.casefold()] = new
+        if old in self._joined:
+            self._joined[new] = self._joined.pop(old)
+
     def join(self, mid: int) -> str:
         """Add a member under the next free guest name; returns that name."""
         if mid in self._names:
@@ -155,11 +172,20 @@ class Room:
                 self._joined[mid] = True
             else:
                 announce.append(mid)
-        if not announce and not self._left:
-            return []
-        joined = [self._names[mid] for mid in announce]
         for mid in announce:
             del self._joined[mid]
+        joined = [self._names[mid] for mid in announce]
+        # Someone who left and came back under the same name within the
+        # window (a reconnect) is no news either.
+        back = {n.casefold() for n in joined} & {n.casefold() for n in self._left}
+        if back:
+            pairs = zip(announce, joined, strict=True)
+            keep = [(m, n) for m, n in pairs if n.casefold() not in back]
+            announce = [m for m, _ in keep]
+            joined = [n for _, n in keep]
+            self._left = [n for n in self._left if n.casefold() not in back]
+        if not announce and not self._left:
+            return []
         frame = Presence(
             tuple(joined[:PRESENCE_SAMPLE]),
             len(joined),
@@ -172,6 +198,20 @@ class Room:
         # a lone newcomer whose own arrival is all there is to tell.
         return [Deliver(frame, exclude=only_news)]
 
+    def message(self, seq: int) -> Message | None:
+        """The message numbered ``seq``, if history still holds it."""
+        if not self.history:
+            return None
+        index = seq - self.history[0].seq
+        if 0 <= index < len(self.history):
+            return self.history[index]
+        return None
+
+    @property
+    def oldest_seq(self) -> int:
+        """Number of the oldest message held (``seq + 1`` when history is empty)."""
+        return self.history[0].seq if self.history else self.seq + 1
+
     def pending_joins(self) -> list[int]:
         """Members whose join is not announced yet, in order of arrival."""
         return list(self._joined)
@@ -183,10 +223,10 @@ class Room:
     # ---- messages --------------------------------------------------------
 
     def post(
-        self, sender: str, text: str, now: float, exclude: int | None = None
+        self, sender: str, text: str, now: float, exclude: int | None = None, origin: str = ""
     ) -> tuple[Message, list[Deliver]]:
         """Record a message and deliver it to every member but ``exclude``."""
         self.seq += 1
-        msg = Message(self.seq, now, sender, text)
+        msg = Message(self.seq, now, sender, text, origin)
         self.history.append(msg)
         return msg, [Deliver(Chat(msg), exclude=exclude)]

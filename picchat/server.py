@@ -54,6 +54,8 @@ class Server:
             max_line=settings.max_line,
             max_queue=settings.max_queue,
             log_chat=settings.log_chat,
+            max_sessions=settings.sessions,
+            dedupe_window=settings.dedupe_window,
         )
         self._writer = writer
         self._socks: dict[int, socket.socket] = {}  # cid -> socket
@@ -273,21 +275,30 @@ class Server:
         for cid in self.hub.take_dirty():
             if cid in self._socks:
                 self._flush(cid)
+        for cid, reason in self.hub.take_doomed():
+            self._drop(cid, reason)
         if self._stopping:
             self._maybe_finished()
 
     def _flush(self, cid: int) -> None:
         sock = self._socks[cid]
         out = self.hub.output(cid)
-        while out:
-            try:
-                n = sock.send(out)
-            except BlockingIOError:
+        while True:
+            while out:
+                try:
+                    n = sock.send(out)
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    self._drop(cid, exc.strerror or "send failed")
+                    return
+                del out[:n]
+            # A resuming client's replay is copied in as the queue drains.
+            if out or not self.hub.replaying(cid):
                 break
-            except OSError as exc:
-                self._drop(cid, exc.strerror or "send failed")
-                return
-            del out[:n]
+            self.hub.refill(cid)
+            if not out:
+                break
         fd = sock.fileno()
         if out:
             if not self.loop.has_writer(fd):

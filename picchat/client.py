@@ -1,0 +1,404 @@
+"""picchat-client: the interactive client. One thread, one loop, the terminal
+and the socket; it reconnects and resumes without losing messages.
+
+With a terminal on stdin it puts it in raw mode and edits lines itself (the
+``Editor``), so incoming messages never tear a half-typed line. With a pipe
+on stdin it reads lines, prints messages, and ends once every line it read
+has been acknowledged.
+
+The I/O lives here; what to send and what to show is ``ClientSession``'s.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .client_session import ClientSession, Closing, NameChanged, Output, Show
+from .config import default_socket_path
+from .editor import Editor, Line, QuitRequest
+from .exits import EX_NOPERM, EX_OK, EX_PROTOCOL
+from .framing import TOO_LONG, LineReader
+from .loop import Loop, Timer
+from .protocol import ClientConnection, ProtocolError
+from .terminal import RawTerminal, width
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 1234
+RECV_SIZE = 65536
+JITTER = 0.1  # +-10 % on the retry interval, so many clients do not return in step
+CONNECT_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where to connect: a Unix socket path, or a TCP host and port."""
+
+    path: str | None = None
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+
+    @property
+    def label(self) -> str:
+        return self.path or f"{self.host}:{self.port}"
+
+
+def choose_target(socket_path: str | None, host: str | None, port: int | None) -> Target:
+    """--host/--port force TCP; else the local socket if it exists; else TCP."""
+    if host is not None or port is not None:
+        return Target(None, host or DEFAULT_HOST, port or DEFAULT_PORT)
+    path = Path(socket_path) if socket_path else default_socket_path()
+    if socket_path or path.exists():
+        return Target(str(path))
+    return Target()
+
+
+class ClientError(Exception):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def format_time(when: float, now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    t = time.localtime(when)
+    if time.strftime("%Y-%m-%d", t) == time.strftime("%Y-%m-%d", time.localtime(now)):
+        return time.strftime("%H:%M", t)
+    return time.strftime("%Y-%m-%d %H:%M", t)
+
+
+class InteractiveClient:
+    def __init__(
+        self,
+        target: Target,
+        name: str | None,
+        *,
+        retry: float = 5.0,
+        max_pending: int = 100,
+        stdin: int = 0,
+        stdout: int = 1,
+        loop: Loop | None = None,
+    ) -> None:
+        self.target = target
+        self.retry = retry
+        self.loop = loop or Loop()
+        self.session = ClientSession(name, max_pending, f"picchat-client/{__version__}")
+        self.stdin = stdin
+        self.stdout = stdout
+        self.tty = os.isatty(stdin)
+        self.editor: Editor | None = None
+        self._stdin_lines = LineReader(1 << 16)
+        self._stdin_eof = False
+        self._sock: socket.socket | None = None
+        self._conn: ClientConnection | None = None
+        self._out = bytearray()
+        self._connecting = False
+        self._ever_connected = False
+        self._retry_timer: Timer | None = None
+        self._announced_down = False
+        self.exit_code = EX_OK
+
+    # ---- running ---------------------------------------------------------
+
+    def run(self) -> int:
+        if self.tty:
+            with RawTerminal(self.stdin):
+                self.editor = Editor(self._prompt(), width(self.stdout))
+                self.loop.add_signal_handler(signal.SIGWINCH, self._resized)
+                return self._run()
+        return self._run()
+
+    def _run(self) -> int:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            self.loop.add_signal_handler(signum, lambda: self._stop(EX_OK))
+        self.loop.add_reader(self.stdin, self._stdin_readable)
+        self._connect()
+        try:
+            self.loop.run()
+        finally:
+            if self.editor is not None:
+                self._write(self.editor.hide())
+            self._close_socket()
+            self.loop.close()
+        return self.exit_code
+
+    def _stop(self, code: int) -> None:
+        self.exit_code = code
+        self.loop.stop()
+
+    # ---- output to the user ------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.stdout, view)
+            except BlockingIOError:
+                continue
+            except OSError:  # our terminal is gone: nothing more to show
+                self._stop(EX_OK)
+                return
+            view = view[n:]
+
+    def _show(self, text: str) -> None:
+        if self.editor is not None:
+            self._write(self.editor.show(text))
+        else:
+            self._write((text + "\n").encode())
+
+    def _prompt(self) -> str:
+        return f"You ({self.session.name or '...'}): "
+
+    def _handle(self, outputs: list[Output]) -> None:
+        for o in outputs:
+            if isinstance(o, Show):
+                if o.time is not None:
+                    self._show(f"[{format_time(o.time)}] {o.text}")
+                elif o.kind in ("notice", "status"):
+                    self._show(f"* {o.text}")
+                elif o.kind == "error":
+                    self._show(f"! {o.text}")
+                else:
+                    self._show(o.text)
+            elif isinstance(o, NameChanged):
+                if self.editor is not None:
+                    self._write(self.editor.set_prompt(self._prompt()))
+            elif isinstance(o, Closing):
+                self._stop(EX_PROTOCOL if o.failed else EX_OK)
+
+    def _resized(self) -> None:
+        if self.editor is not None:
+            self._write(self.editor.resize(width(self.stdout)))
+
+    # ---- input from the user -------------------------------------------------
+
+    def _stdin_readable(self) -> None:
+        try:
+            data = os.read(self.stdin, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if self.editor is not None:
+            echo, events = self.editor.feed(data)
+            self._write(echo)
+            for ev in events:
+                if isinstance(ev, Line):
+                    self._submit(ev.text)
+                elif isinstance(ev, QuitRequest):
+                    self._quit()
+            if not data:  # the terminal hung up
+                self._stop(EX_OK)
+            return
+        if not data:
+            self._stdin_eof = True
+            self.loop.remove_reader(self.stdin)
+            tail = self._stdin_lines.take_partial()
+            if isinstance(tail, bytes) and tail:
+                self._submit(tail.decode("utf-8", "replace"))
+            self._maybe_done()
+            return
+        for item in self._stdin_lines.feed(data):
+            if item is TOO_LONG:
+                self._show("! an input line longer than 64 KiB was skipped")
+            else:
+                self._submit(item.decode("utf-8", "replace"))
+
+    def _submit(self, text: str) -> None:
+        data, outputs = self.session.submit(text)
+        self._send(data)
+        self._handle(outputs)
+
+    def _quit(self) -> None:
+        data, outputs = self.session.quit()
+        if data:
+            self._send(data)
+            # The server answers with bye; do not wait for it for long.
+            self.loop.call_later(2.0, lambda: self._stop(EX_OK))
+        self._handle(outputs)
+
+    def _maybe_done(self) -> None:
+        """Pipe mode: stop once stdin ended and every line was acknowledged."""
+        if self._stdin_eof and self.editor is None and not self.session.unacked:
+            if self.session.connected:
+                self._quit()
+            else:
+                self._stop(EX_OK)
+
+    # ---- the connection ----------------------------------------------------------
+
+    def _connect(self) -> None:
+        self._retry_timer = None
+        t = self.target
+        family = socket.AF_UNIX if t.path else socket.AF_INET
+        address: str | tuple[str, int] = t.path or (t.host, t.port)
+        if not t.path:
+            try:
+                infos = socket.getaddrinfo(t.host, t.port, type=socket.SOCK_STREAM)
+                family, _, _, _, address = infos[0]
+            except socket.gaierror as exc:
+                self._connect_failed(exc.strerror or str(exc))
+                return
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        err = sock.connect_ex(address)
+        if err == 0 or err in (errno.EINPROGRESS, errno.EAGAIN):
+            self._sock = sock
+            self._connecting = True
+            self.loop.add_writer(sock.fileno(), self._connect_done)
+            self._retry_timer = self.loop.call_later(CONNECT_TIMEOUT, self._connect_timeout)
+            return
+        sock.close()
+        if err == errno.EACCES and t.path:
+            self._show(
+                f"! permission denied on the server's socket {t.path}: join the group that "
+                "owns it (see `ls -l`), or use --host/--port"
+            )
+            self._stop(EX_NOPERM)
+            return
+        self._connect_failed(os.strerror(err))
+
+    def _connect_timeout(self) -> None:
+        self._retry_timer = None
+        self._close_socket()
+        self._connect_failed("timed out")
+
+    def _connect_done(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        self.loop.remove_writer(sock.fileno())
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
+        if err:
+            self._close_socket()
+            self._connect_failed(os.strerror(err))
+            return
+        self._connecting = False
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        self._conn = ClientConnection()
+        self.loop.add_reader(sock.fileno(), self._readable)
+        self._send(self.session.hello())
+
+    def _connect_failed(self, reason: str) -> None:
+        if not self._announced_down:
+            self._announced_down = True
+            what = "Cannot connect to" if not self._ever_connected else "Still cannot reach"
+            self._show(
+                f"* {what} the server at {self.target.label} ({reason}); "
+                f"retrying every {self.retry:g} s"
+            )
+        self._schedule_retry()
+
+    def _schedule_retry(self) -> None:
+        delay = self.retry * random.uniform(1 - JITTER, 1 + JITTER)
+        self._retry_timer = self.loop.call_later(delay, self._connect)
+
+    def _readable(self) -> None:
+        sock = self._sock
+        assert sock is not None and self._conn is not None
+        try:
+            data = sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._lost(exc.strerror or "connection error")
+            return
+        if not data:
+            self._lost("the server closed the connection")
+            return
+        try:
+            frames = self._conn.receive_data(data)
+        except ProtocolError as exc:
+            self._show(f"! {exc}")
+            self._stop(EX_PROTOCOL)
+            return
+        for frame in frames:
+            was_connected = self.session.connected
+            reply, outputs = self.session.receive(frame)
+            if not was_connected and self.session.connected:
+                self._announced_down = False
+                self._show(
+                    "Connected to the server!"
+                    if not self._ever_connected
+                    else "* Reconnected to the server."
+                )
+                self._ever_connected = True
+            self._send(reply)
+            self._handle(outputs)
+        self._maybe_done()
+
+    def _lost(self, reason: str) -> None:
+        was = self.session.connected
+        self._close_socket()
+        self.session.disconnected()
+        if was:
+            self._announced_down = True
+            self._show(f"* Connection lost ({reason}); retrying every {self.retry:g} s")
+        self._schedule_retry()
+
+    def _send(self, data: bytes) -> None:
+        if not data or self._sock is None:
+            return
+        self._out += data
+        if self._connecting:
+            return
+        self._flush()
+
+    def _flush(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        while self._out:
+            try:
+                n = sock.send(self._out)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self._lost(exc.strerror or "send failed")
+                return
+            del self._out[:n]
+        if self._out:
+            self.loop.add_writer(sock.fileno(), self._flush)
+        else:
+            self.loop.remove_writer(sock.fileno())
+
+    def _close_socket(self) -> None:
+        if self._sock is not None:
+            self.loop.forget(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+        self._conn = None
+        self._out.clear()
+        self._connecting = False
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
+
+
+def run_client(
+    socket_path: str | None,
+    host: str | None,
+    port: int | None,
+    name: str | None,
+    retry: float,
+    max_pending: int,
+) -> int:
+    target = choose_target(socket_path, host, port)
+    return InteractiveClient(target, name, retry=retry, max_pending=max_pending).run()
+
+
+if __name__ == "__main__":  # python3 -m picchat.client, from a checkout
+    from .cli import client_main
+
+    raise SystemExit(client_main())

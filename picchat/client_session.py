@@ -1,0 +1,212 @@
+"""The interactive client's state, sans I/O: what to send, what to show.
+
+It survives reconnects. It remembers the server's session token, the history
+id and the last sequence number seen, and every message typed but not yet
+acknowledged (sent or still queued while the link is down), so that after a
+reconnect it can ask for exactly the messages it missed and resend exactly the
+ones the server may not have. The server drops a resent message it already
+has (same session, same message id) and answers with the original ack.
+
+Invariants:
+- a message is shown once: a chat frame whose seq is not above the last seq
+  seen is a duplicate and is skipped;
+- ``unacked`` holds at most ``max_pending`` messages; typing more while the
+  link is down is refused with a visible note, never silently dropped;
+- message ids grow by one per typed message and are never reused in a session.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from .protocol import encode_hello, encode_request
+
+HELP = (
+    "Commands: /nick NAME (change your name), /who (who is here), /quit (leave; "
+    "Ctrl-D too), /help. Any other line goes to everyone; //text sends /text."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Show:
+    """A line for the user. ``time`` is set for replayed messages (show it)."""
+
+    text: str
+    time: float | None = None
+    kind: str = "chat"  # chat, notice, error, status
+
+
+@dataclass(frozen=True, slots=True)
+class NameChanged:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Closing:
+    """The session is over (the user quit, or the server refused us for good)."""
+
+    reason: str
+    failed: bool = False
+
+
+Output = Show | NameChanged | Closing
+
+
+class ClientSession:
+    def __init__(self, name: str | None = None, max_pending: int = 100, client: str = "") -> None:
+        self.name = name
+        self.max_pending = max_pending
+        self.client = client
+        self.connected = False
+        self.session: str | None = None
+        self.history_id: str | None = None
+        self.seq = 0  # newest sequence number received (others' messages) under history_id
+        self.unacked: OrderedDict[str, str] = OrderedDict()  # id -> text
+        self._next_id = 1
+        self._sent: set[str] = set()  # ids sent on the current connection
+        self._quitting = False
+
+    # ---- connection lifecycle ---------------------------------------------
+
+    def hello(self) -> bytes:
+        extra: dict[str, Any] = {}
+        if self.session:
+            extra["session"] = self.session
+        if self.history_id is not None:
+            extra["resume"] = {"history_id": self.history_id, "seq": self.seq}
+        return encode_hello(self.name, member=True, client=self.client, **extra)
+
+    def disconnected(self) -> None:
+        self.connected = False
+        self._sent.clear()
+
+    # ---- the user typed a line ---------------------------------------------------
+
+    def submit(self, line: str) -> tuple[bytes, list[Output]]:
+        text = line.strip()
+        if not text:
+            return b"", []
+        if text.startswith("/") and not text.startswith("//"):
+            return self._command(text)
+        if text.startswith("//"):
+            text = text[1:]
+        if len(self.unacked) >= self.max_pending:
+            return b"", [
+                Show(
+                    f"not sent: {self.max_pending} messages are already waiting for the "
+                    "server (max-pending)",
+                    kind="error",
+                )
+            ]
+        id_ = str(self._next_id)
+        self._next_id += 1
+        self.unacked[id_] = text
+        if not self.connected:
+            return b"", [Show(f"(pending) {text}", kind="status")]
+        self._sent.add(id_)
+        return encode_request({"type": "msg", "id": id_, "text": text}), []
+
+    def _command(self, text: str) -> tuple[bytes, list[Output]]:
+        cmd, _, arg = text[1:].partition(" ")
+        cmd = cmd.lower()
+        arg = arg.strip()
+        if cmd in ("quit", "exit"):
+            self._quitting = True
+            if self.connected:
+                return encode_request({"type": "quit"}), []
+            return b"", [Closing("quit")]
+        if cmd == "help":
+            return b"", [Show(HELP, kind="notice")]
+        if not self.connected:
+            return b"", [Show(f"/{cmd} needs the server; not connected", kind="error")]
+        if cmd == "nick":
+            if not arg or " " in arg:
+                return b"", [Show("usage: /nick NAME (one word)", kind="error")]
+            return encode_request({"type": "nick", "name": arg}), []
+        if cmd in ("who", "names"):
+            return encode_request({"type": "who"}), []
+        return b"", [Show(f"unknown command /{cmd}; /help lists them", kind="error")]
+
+    def quit(self) -> tuple[bytes, list[Output]]:
+        return self._command("/quit")
+
+    # ---- the server sent a frame ---------------------------------------------------
+
+    def receive(self, frame: dict[str, Any]) -> tuple[bytes, list[Output]]:
+        kind = frame.get("type")
+        if kind == "welcome":
+            return self._welcome(frame)
+        if kind == "msg":
+            seq = frame.get("seq")
+            if not isinstance(seq, int) or seq <= self.seq:
+                return b"", []  # seen already (a replay overlapping what we had)
+            self.seq = seq
+            when = frame.get("time") if frame.get("replay") else None
+            return b"", [Show(f"{frame.get('from')}: {frame.get('text')}", when)]
+        if kind == "ack":
+            id_ = str(frame.get("id"))
+            self.unacked.pop(id_, None)
+            self._sent.discard(id_)
+            # self.seq follows the messages we receive, not our own: the
+            # server never sends us our own, and a replay still under way
+            # may hold older ones we have not seen yet.
+            return b"", []
+        if kind == "error":
+            out: list[Output] = [Show(str(frame.get("text")), kind="error")]
+            id_ = frame.get("id")
+            if id_ is not None and str(id_) in self.unacked:
+                self.unacked.pop(str(id_))  # refused for good: do not resend
+            if not self.connected and frame.get("code") in ("version", "bad_hello"):
+                out.append(Closing(str(frame.get("text")), failed=True))
+            return b"", out
+        if kind == "renamed":
+            if frame.get("old") == self.name:
+                self.name = str(frame.get("new"))
+                return b"", [
+                    Show(f"You are now known as {self.name}", kind="notice"),
+                    NameChanged(self.name),
+                ]
+            return b"", [
+                Show(f"{frame.get('old')} is now known as {frame.get('new')}", kind="notice")
+            ]
+        if kind in ("presence", "notice", "gap"):
+            return b"", [Show(str(frame.get("text")), kind="notice")]
+        if kind == "names":
+            names = ", ".join(frame.get("names", []))
+            count = frame.get("count", 0)
+            more = count - len(frame.get("names", []))
+            if more > 0:
+                names += f" and {more} more"
+            return b"", [Show(f"{count} here: {names}", kind="notice")]
+        if kind == "bye":
+            if self._quitting:
+                return b"", [Closing("quit")]
+            return b"", [Show(str(frame.get("text")), kind="status")]
+        return b"", []  # a frame type from a newer server: ignore it
+
+    def _welcome(self, frame: dict[str, Any]) -> tuple[bytes, list[Output]]:
+        out: list[Output] = []
+        self.connected = True
+        self.session = frame.get("session") or self.session
+        history_id = frame.get("history_id")
+        if self.history_id is not None and history_id != self.history_id:
+            self.seq = 0  # a new history: its numbers start again
+        self.history_id = history_id
+        name = frame.get("name")
+        if isinstance(name, str) and name != self.name:
+            self.name = name
+            out.append(NameChanged(name))
+        elif isinstance(name, str):
+            out.append(NameChanged(name))
+        # Resend everything not acknowledged, in order: the server drops the
+        # ones it already has (same session, same id).
+        data = b"".join(
+            encode_request({"type": "msg", "id": id_, "text": text})
+            for id_, text in self.unacked.items()
+        )
+        self._sent.update(self.unacked)
+        if self.unacked:
+            out.append(Show(f"sending {len(self.unacked)} pending message(s)", kind="status"))
+        return data, out
