@@ -76,6 +76,12 @@ class Settings:
     keepalive_idle: int = _opt(60, "TCP keepalive: idle seconds before probing", minimum=1)
     keepalive_interval: int = _opt(10, "TCP keepalive: seconds between probes", minimum=1)
     keepalive_count: int = _opt(3, "TCP keepalive: unanswered probes before a drop", minimum=1)
+    console: str = _opt(
+        "auto",
+        "the server's terminal as a participant named Server; 'auto': when stdin is a "
+        "terminal and not under systemd",
+        choices=("auto", "on", "off"),
+    )
     log_level: str = _opt("info", "least important log level shown", choices=LOG_LEVELS)
     log_chat: bool = _opt(True, "log every chat line (at info level)")
     log_buffer: int = _opt(

@@ -150,6 +150,14 @@ class Hub:
         log.debug("%s: connection from %s", name, address)
         return name
 
+    def open_console(self, cid: int, name: str) -> None:
+        """The server's own terminal joins as a plain member, unannounced."""
+        peer = Peer(cid, "console", self.max_line)
+        peer.proto.state = State.PLAIN  # its lines are never a hello
+        peer.logged = True
+        self.peers[cid] = peer
+        self.room.join(cid, name, announce=False)
+
     def receive(self, cid: int, data: bytes, now: float) -> None:
         """Bytes arrived from a connection (``b""``: it closed its end)."""
         peer = self.peers.get(cid)

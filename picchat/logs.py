@@ -142,10 +142,15 @@ class WriterHandler(logging.Handler):
     def __init__(self, writer: StderrWriter, journal: bool) -> None:
         super().__init__()
         self.writer = writer
+        self.divert: Callable[[str], None] | None = None
         self.setFormatter(_Formatter(journal))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
+            if self.divert is not None:
+                if record.name != "picchat.chat":  # the console shows chat as chat
+                    self.divert(self.format(record))
+                return
             line = self.format(record) + "\n"
             self.writer.write(line.encode("utf-8", "replace"))
         except Exception:  # logging must never take the daemon down
@@ -168,6 +173,13 @@ def setup(level: str = "info", buffer: int = 65536, fd: int = 2) -> StderrWriter
     root.propagate = False
     set_level(level)
     return writer
+
+
+def divert(show: Callable[[str], None] | None) -> None:
+    """While the server's console owns the terminal, log lines go through it
+    (above the prompt) instead of straight to stderr; None ends that."""
+    if _handler is not None:
+        _handler.divert = show
 
 
 def set_level(level: str) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from .events import Chat, Error, Frame, Message, Names, Presence, Renamed
 
 NAME_MAX = 32  # characters
+CONSOLE_NAME = "Server"  # the server's own terminal; nobody else may take it
 PRESENCE_SAMPLE = 10  # names shown in one presence line; the rest are counted
 WHO_SAMPLE = 200  # names shown by /who; the rest are counted
 
@@ -48,6 +49,8 @@ def name_problem(name: str) -> str | None:
         return "a name cannot contain ':'"
     if name[0] in "/*!#@":
         return "a name cannot start with / * ! # or @"
+    if name.casefold() == CONSOLE_NAME.casefold():
+        return f"the name {CONSOLE_NAME} belongs to the server's own console"
     return None
 
 
@@ -107,18 +110,22 @@ class Room:
         if old in self._joined:
             self._joined[new] = self._joined.pop(old)
 
-    def join(self, mid: int) -> str:
-        """Add a member under the next free guest name; returns that name."""
+    def join(self, mid: int, name: str | None = None, announce: bool = True) -> str:
+        """Add a member under ``name`` (unchecked: for the server's own console)
+        or else the next free guest name; returns that name."""
         if mid in self._names:
             raise ValueError(f"member {mid} has joined already")
-        while True:
+        if name is not None and name.casefold() in self._owners:
+            raise ValueError(f"the name {name} is taken")
+        while name is None:
             self._guest_counter += 1
-            name = f"guest{self._guest_counter}"
-            if name.casefold() not in self._owners:
-                break
+            guest = f"guest{self._guest_counter}"
+            if guest.casefold() not in self._owners:
+                name = guest
         self._names[mid] = name
         self._owners[name.casefold()] = mid
-        self._joined[mid] = False
+        if announce:
+            self._joined[mid] = False
         return name
 
     def leave(self, mid: int) -> None:

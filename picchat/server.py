@@ -23,6 +23,7 @@ from pathlib import Path
 
 from . import __version__, logs
 from .config import ConfigError, Settings, socket_path
+from .endpoints import console
 from .endpoints.fifo import FifoReader
 from .endpoints.listeners import (
     open_tcp,
@@ -33,6 +34,7 @@ from .endpoints.listeners import (
 )
 from .hub import Hub
 from .loop import Loop, Timer
+from .room import CONSOLE_NAME
 from .sanitize import clean_bytes
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 RECV_SIZE = 65536
 ACCEPT_BATCH = 64  # connections accepted per readiness event, so reads go on
 EMFILE_PAUSE = 1.0  # seconds without accepting after running out of fds
+CONSOLE_CID = 0  # the hub's id for the server's own terminal (sockets start at 1)
 
 
 class Server:
@@ -63,6 +66,7 @@ class Server:
         self._unix_path: Path | None = None
         self._unix_ino: tuple[int, int] | None = None
         self._fifo: FifoReader | None = None
+        self._console: console.Console | None = None
         self._next_cid = 1
         self._flush_scheduled = False
         self._presence_timer: Timer | None = None
@@ -99,6 +103,10 @@ class Server:
             self._writer.on_blocked = self._log_blocked
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(signum, self.stop)
+        if console.wanted(s.console):
+            self.hub.open_console(CONSOLE_CID, CONSOLE_NAME)
+            self._console = console.Console(self.loop, CONSOLE_NAME, self._console_line, self.stop)
+            logs.divert(self._console.show)
         log.info(
             "Server is running and waiting for connections on %s", " and ".join(self.addresses)
         )
@@ -136,6 +144,10 @@ class Server:
 
     def close(self) -> None:
         """Release every fd (idempotent)."""
+        if self._console is not None:
+            logs.divert(None)
+            self._console.close()
+            self._console = None
         self._close_listeners()
         for cid in list(self._socks):
             self._drop(cid, "server stopped")
@@ -241,6 +253,17 @@ class Server:
             self.loop.remove_reader(sock.fileno())
         self._after_hub()
 
+    def _console_line(self, text: str) -> None:
+        if text.strip().lower() in ("/quit", "/exit"):
+            self.stop()
+            return
+        self.hub.receive(CONSOLE_CID, (text + "\n").encode(), time.time())
+        self._after_hub()
+        if self._console is not None and CONSOLE_CID in self.hub.room:
+            name = self.hub.room.name_of(CONSOLE_CID)
+            if not self._console.editor.prompt.startswith(f"You ({name})"):
+                self._console.set_name(name)
+
     def _fifo_line(self, line: bytes) -> None:
         text = clean_bytes(line).strip()
         if text:
@@ -275,6 +298,10 @@ class Server:
         for cid in self.hub.take_dirty():
             if cid in self._socks:
                 self._flush(cid)
+            elif cid == CONSOLE_CID and self._console is not None:
+                out = self.hub.output(cid)
+                self._console.deliver(bytes(out))
+                out.clear()
         for cid, reason in self.hub.take_doomed():
             self._drop(cid, reason)
         if self._stopping:
