@@ -24,6 +24,7 @@ from . import __version__
 from .client_session import ClientSession, Closing, NameChanged, Output, Show
 from .config import default_socket_path
 from .editor import Editor, Line, QuitRequest
+from .endpoints.listeners import set_keepalive
 from .exits import EX_NOPERM, EX_OK, EX_PROTOCOL
 from .framing import TOO_LONG, LineReader
 from .loop import Loop, Timer
@@ -35,6 +36,7 @@ DEFAULT_PORT = 1234
 RECV_SIZE = 65536
 JITTER = 0.1  # +-10 % on the retry interval, so many clients do not return in step
 CONNECT_TIMEOUT = 10.0
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 60, 10, 3  # as the server's defaults
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,7 +287,8 @@ class InteractiveClient:
         self._connecting = False
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            # Notice a server that vanished without a FIN (Wi-Fi gone, Pi unplugged).
+            set_keepalive(sock, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
         self._conn = ClientConnection()
         self.loop.add_reader(sock.fileno(), self._readable)
         self._send(self.session.hello())

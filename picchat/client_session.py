@@ -67,6 +67,9 @@ class ClientSession:
         self._next_id = 1
         self._sent: set[str] = set()  # ids sent on the current connection
         self._quitting = False
+        # The longest line the server takes (its welcome says); a longer
+        # frame would be discarded unanswered and wait for an ack forever.
+        self.max_line = 4096
 
     # ---- connection lifecycle ---------------------------------------------
 
@@ -101,12 +104,21 @@ class ClientSession:
                 )
             ]
         id_ = str(self._next_id)
+        frame = encode_request({"type": "msg", "id": id_, "text": text})
+        if len(frame) - 1 > self.max_line:
+            return b"", [
+                Show(
+                    f"not sent: the message is too long ({len(frame) - 1} bytes encoded; "
+                    f"the server takes at most {self.max_line})",
+                    kind="error",
+                )
+            ]
         self._next_id += 1
         self.unacked[id_] = text
         if not self.connected:
             return b"", [Show(f"(pending) {text}", kind="status")]
         self._sent.add(id_)
-        return encode_request({"type": "msg", "id": id_, "text": text}), []
+        return frame, []
 
     def _command(self, text: str) -> tuple[bytes, list[Output]]:
         cmd, _, arg = text[1:].partition(" ")
@@ -191,9 +203,17 @@ class ClientSession:
         self.connected = True
         self.session = frame.get("session") or self.session
         history_id = frame.get("history_id")
-        if self.history_id is not None and history_id != self.history_id:
+        if self.history_id is None:
+            # Our first welcome: we asked for no replay, so what history holds
+            # now is from before we came; a reconnect resumes after it.
+            seq = frame.get("seq")
+            self.seq = seq if isinstance(seq, int) and not isinstance(seq, bool) else 0
+        elif history_id != self.history_id:
             self.seq = 0  # a new history: its numbers start again
         self.history_id = history_id
+        max_line = frame.get("max_line")
+        if isinstance(max_line, int) and not isinstance(max_line, bool) and max_line > 0:
+            self.max_line = max_line
         name = frame.get("name")
         if isinstance(name, str) and name != self.name:
             self.name = name

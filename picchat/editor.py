@@ -174,18 +174,21 @@ class Editor:
     def _key(self, ch: str, out: list[str], events: list[EditorEvent]) -> None:
         if ch in "\r\n":
             self._after_cr = ch == "\r"
-            text, self.buffer = self.buffer, ""
-            out.append(CRLF)
+            text = self.buffer
+            # At the margin the wrap fix has put the cursor on a fresh row already.
+            out.append("" if self._wrap_fix() else CRLF)
+            self.buffer = ""
             self._shown = False
             events.append(Line(text))
             out.append(self._draw())
         elif ch in "\x7f\x08":  # Backspace: DEL from most terminals, BS from some
             if self.buffer:
                 out.append(self._erase())
-                self.buffer = self.buffer[:-1]
                 # A combining mark goes together with its base character.
-                while self.buffer and unicodedata.combining(self.buffer[-1]):
-                    self.buffer = self.buffer[:-1]
+                end = len(self.buffer) - 1
+                while end > 0 and unicodedata.combining(self.buffer[end]):
+                    end -= 1
+                self.buffer = self.buffer[:end]
                 out.append(self._draw())
         elif ch == "\x15":  # Ctrl-U
             out.append(self._erase())
@@ -228,4 +231,7 @@ class Editor:
             out.append(self._draw())
         self.buffer += ch
         out.append(ch)
-        out.append(self._wrap_fix())
+        # A zero-width character (a combining mark) does not move the cursor:
+        # after a base character at the margin the wrap fix was written already.
+        if char_width(ch):
+            out.append(self._wrap_fix())

@@ -34,7 +34,7 @@ Item = bytes | _TooLong
 class LineReader:
     """Splits a byte stream into lines of at most ``max_line`` bytes."""
 
-    __slots__ = ("max_line", "_buf", "_scanned", "_discarding")
+    __slots__ = ("_buf", "_discarding", "_scanned", "backlog", "max_line")
 
     def __init__(self, max_line: int) -> None:
         if max_line < 1:
@@ -43,15 +43,23 @@ class LineReader:
         self._buf = bytearray()
         self._scanned = 0  # bytes of _buf already known to hold no LF
         self._discarding = False  # inside an overlong line, waiting for its LF
+        self.backlog = False  # the last feed() stopped early: complete lines wait
 
     @property
     def pending(self) -> int:
         """Bytes held for a line that has not ended yet."""
         return len(self._buf)
 
-    def feed(self, data: bytes) -> list[Item]:
-        """Add received bytes; return the complete lines (without line ending)."""
+    def feed(self, data: bytes, limit: int | None = None, budget: int | None = None) -> list[Item]:
+        """Add received bytes; return the complete lines (without line ending).
+
+        With ``limit`` (lines) or ``budget`` (bytes of lines), stop early and
+        keep the rest: ``backlog`` is then True, and ``feed(b"", ...)`` goes on
+        where this call stopped. The server uses it so that one peer's burst
+        is handled a slice per loop turn, between which output is flushed.
+        """
         items: list[Item] = []
+        self.backlog = False
         if self._discarding:
             nl = data.find(b"\n")
             if nl < 0:
@@ -63,6 +71,11 @@ class LineReader:
         start = 0
         scan = self._scanned
         while True:
+            if (limit is not None and len(items) >= limit) or (
+                budget is not None and start >= budget
+            ):
+                self.backlog = buf.find(b"\n", scan) >= 0
+                break
             nl = buf.find(b"\n", scan)
             if nl < 0:
                 break
@@ -78,8 +91,11 @@ class LineReader:
             start = scan = nl + 1
         if start:
             del buf[:start]
+            scan -= start
+        if self.backlog:
+            self._scanned = 0  # the rest starts with a complete line: scan it next time
         # Allow one extra byte for a CR that may turn out to be part of CRLF.
-        if len(buf) > self.max_line + 1:
+        elif len(buf) > self.max_line + 1:
             items.append(TOO_LONG)
             buf.clear()
             self._discarding = True

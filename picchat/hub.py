@@ -158,14 +158,35 @@ class Hub:
         self.peers[cid] = peer
         self.room.join(cid, name, announce=False)
 
-    def receive(self, cid: int, data: bytes, now: float) -> None:
-        """Bytes arrived from a connection (``b""``: it closed its end)."""
+    def receive(
+        self, cid: int, data: bytes, now: float, limit: int | None = None, budget: int | None = None
+    ) -> None:
+        """Bytes arrived from a connection (``b""``: it closed its end).
+
+        With ``limit`` lines or ``budget`` bytes, only that much is handled;
+        ``backlogged(cid)`` then says more waits for ``continue_input``.
+        """
         peer = self.peers.get(cid)
         # A closing peer (it quit, or was refused) is no longer in the room:
         # what it sends while its last output drains is ignored.
         if peer is None or peer.doomed or peer.closing:
             return
-        for request in peer.proto.receive_data(data):
+        self._requests(peer, peer.proto.receive_data(data, limit, budget), now)
+
+    def continue_input(
+        self, cid: int, now: float, limit: int | None = None, budget: int | None = None
+    ) -> None:
+        peer = self.peers.get(cid)
+        if peer is None or peer.doomed or peer.closing:
+            return
+        self._requests(peer, peer.proto.next_requests(limit, budget), now)
+
+    def backlogged(self, cid: int) -> bool:
+        peer = self.peers.get(cid)
+        return peer is not None and not peer.doomed and not peer.closing and peer.proto.backlog
+
+    def _requests(self, peer: Peer, requests: list[Request], now: float) -> None:
+        for request in requests:
             self._handle(peer, request, now)
             if peer.closing or peer.doomed:
                 break
@@ -222,6 +243,16 @@ class Hub:
     def output(self, cid: int) -> bytearray:
         """The connection's output queue: send from its front, then delete what went."""
         return self.peers[cid].out
+
+    def check_behind(self, cid: int) -> bool:
+        """After a send: is more than max_queue still waiting? Then the peer has
+        stopped reading; it is dropped (True). Within one turn a queue may
+        grow to twice max_queue before it gets its send (see _queue)."""
+        peer = self.peers.get(cid)
+        if peer is None or peer.doomed or len(peer.out) <= self.max_queue:
+            return False
+        self._too_slow(peer)
+        return True
 
     def should_close(self, cid: int) -> bool:
         peer = self.peers.get(cid)
@@ -431,6 +462,18 @@ class Hub:
             session=session,
         )
 
+    def _too_slow(self, peer: Peer, leave: bool = True) -> None:
+        # A reader this far behind has stopped reading: waiting for it would
+        # stall everyone or grow without bound. It can reconnect (and resume).
+        name = self.room.name_of(peer.cid) if peer.cid in self.room else peer.address
+        reason = (
+            f"too slow: it stopped reading with over {self.max_queue} bytes (max-queue) waiting"
+        )
+        log.warning("Disconnecting %s (%s): %s", name, peer.address, reason)
+        self._doom(peer, reason)
+        if leave:
+            self._leave(peer, "too slow")
+
     def _doom(self, peer: Peer, reason: str) -> None:
         """Close ``peer`` now; the I/O layer collects it from take_doomed()."""
         peer.doomed = True
@@ -498,15 +541,10 @@ class Hub:
     def _queue(self, peer: Peer, data: bytes, leave: bool = True) -> bool:
         if peer.doomed:
             return True
-        if len(peer.out) + len(data) > self.max_queue:
-            # A reader this far behind has stopped reading: waiting for it
-            # would stall everyone or grow without bound. It can reconnect.
-            name = self.room.name_of(peer.cid) if peer.cid in self.room else peer.address
-            reason = f"too slow: it stopped reading with {self.max_queue} bytes (max_queue) waiting"
-            log.warning("Disconnecting %s (%s): %s", name, peer.address, reason)
-            self._doom(peer, reason)
-            if leave:
-                self._leave(peer, "too slow")
+        if len(peer.out) + len(data) > 2 * self.max_queue:
+            # Even before its next send, this much waiting means the reader
+            # is far behind: holding more would let memory grow without bound.
+            self._too_slow(peer, leave)
             return False
         peer.out += data
         self._dirty.add(peer.cid)

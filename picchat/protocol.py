@@ -221,11 +221,12 @@ def _opt_id(value: Any) -> str | None:
 class ServerConnection:
     """Parses what one peer sends. Holds no socket; knows nothing of the room."""
 
-    __slots__ = ("state", "_reader")
+    __slots__ = ("_eof", "_reader", "state")
 
     def __init__(self, max_line: int) -> None:
         self.state = State.AWAIT_FIRST
         self._reader = LineReader(max_line)
+        self._eof = False  # the peer closed its end; lines may still wait
 
     @property
     def wire(self) -> Wire:
@@ -235,12 +236,39 @@ class ServerConnection:
     def max_line(self) -> int:
         return self._reader.max_line
 
-    def receive_data(self, data: bytes) -> list[Request]:
-        """Feed received bytes; ``b""`` means the peer closed its end."""
+    @property
+    def backlog(self) -> bool:
+        """Received lines (or the end of input) wait for ``next_requests``."""
+        return self.state is not State.CLOSED and (self._reader.backlog or self._eof)
+
+    def receive_data(
+        self, data: bytes, limit: int | None = None, budget: int | None = None
+    ) -> list[Request]:
+        """Feed received bytes (``b""``: the peer closed its end). With ``limit``
+        lines or ``budget`` bytes, handle only that much; the rest waits for
+        ``next_requests`` (see ``backlog``)."""
         if self.state is State.CLOSED:
             return []
         if not data:
-            requests: list[Request] = []
+            self._eof = True
+        return self._requests(data, limit, budget)
+
+    def next_requests(self, limit: int | None = None, budget: int | None = None) -> list[Request]:
+        """Go on with what ``receive_data`` left waiting."""
+        if self.state is State.CLOSED:
+            return []
+        return self._requests(b"", limit, budget)
+
+    def _requests(self, data: bytes, limit: int | None, budget: int | None) -> list[Request]:
+        requests: list[Request] = []
+        for item in self._reader.feed(data, limit, budget):
+            if item is TOO_LONG:
+                requests.append(self._too_long())
+            else:
+                requests.extend(self._line(item))
+            if self.state is State.CLOSED:
+                return requests
+        if self._eof and not self._reader.backlog:
             last = self._reader.take_partial()
             if last is TOO_LONG:
                 requests.append(self._too_long())
@@ -248,15 +276,6 @@ class ServerConnection:
                 requests.extend(self._line(last))
             self.state = State.CLOSED
             requests.append(Closed())
-            return requests
-        requests = []
-        for item in self._reader.feed(data):
-            if item is TOO_LONG:
-                requests.append(self._too_long())
-            else:
-                requests.extend(self._line(item))
-            if self.state is State.CLOSED:
-                break
         return requests
 
     def _too_long(self) -> Request:

@@ -40,6 +40,11 @@ from .sanitize import clean_bytes
 log = logging.getLogger(__name__)
 
 RECV_SIZE = 65536
+# One connection's input handled per loop turn, at most: a burst of thousands
+# of short lines becomes slices with a flush of everyone's output between
+# them, instead of one turn that queues megabytes for every reader.
+LINES_PER_TURN = 100
+BYTES_PER_TURN = 16384
 ACCEPT_BATCH = 64  # connections accepted per readiness event, so reads go on
 EMFILE_PAUSE = 1.0  # seconds without accepting after running out of fds
 CONSOLE_CID = 0  # the hub's id for the server's own terminal (sockets start at 1)
@@ -67,6 +72,8 @@ class Server:
         self._unix_ino: tuple[int, int] | None = None
         self._fifo: FifoReader | None = None
         self._console: console.Console | None = None
+        self._paused: set[int] = set()  # connections whose input waits for a later turn
+        self._ended: set[int] = set()  # connections whose peer closed its end
         self._next_cid = 1
         self._flush_scheduled = False
         self._presence_timer: Timer | None = None
@@ -248,10 +255,32 @@ class Server:
             self._drop(cid, exc.strerror or "connection error")
             self._after_hub()
             return
-        self.hub.receive(cid, data, time.time())
         if not data:
+            self._ended.add(cid)
             self.loop.remove_reader(sock.fileno())
+        self.hub.receive(cid, data, time.time(), LINES_PER_TURN, BYTES_PER_TURN)
+        self._input_done(cid, sock)
+
+    def _input_done(self, cid: int, sock: socket.socket) -> None:
+        if self.hub.backlogged(cid):
+            # A burst: handle the rest a slice per turn, after this turn's
+            # output has gone out, and read nothing more from it meanwhile
+            # (TCP flow control slows the sender down).
+            if cid not in self._paused:
+                self._paused.add(cid)
+                self.loop.remove_reader(sock.fileno())
+            self.loop.call_later(0, lambda: self._continue_input(cid))
+        elif cid in self._paused:
+            self._paused.discard(cid)
+            if cid not in self._ended:
+                self.loop.add_reader(sock.fileno(), lambda: self._readable(cid))
         self._after_hub()
+
+    def _continue_input(self, cid: int) -> None:
+        sock = self._socks.get(cid)
+        if sock is not None:
+            self.hub.continue_input(cid, time.time(), LINES_PER_TURN, BYTES_PER_TURN)
+            self._input_done(cid, sock)
 
     def _console_line(self, text: str) -> None:
         if text.strip().lower() in ("/quit", "/exit"):
@@ -326,6 +355,9 @@ class Server:
             self.hub.refill(cid)
             if not out:
                 break
+        if out and self.hub.check_behind(cid):
+            self._drop(cid, "too slow")
+            return
         fd = sock.fileno()
         if out:
             if not self.loop.has_writer(fd):
@@ -345,6 +377,8 @@ class Server:
         sock = self._socks.pop(cid, None)
         if sock is None:
             return
+        self._paused.discard(cid)
+        self._ended.discard(cid)
         self.loop.forget(sock.fileno())
         sock.close()
         self.hub.gone(cid, reason)

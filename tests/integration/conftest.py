@@ -6,6 +6,7 @@ has a deadline.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from .support import ServerProcess, base_env
+from .support import Forwarder, ServerProcess, TmuxPane, base_env
 
 
 @pytest.fixture
@@ -79,3 +80,40 @@ def clients() -> Iterator[list[Any]]:
             c.close()
         except OSError:
             pass
+
+
+@pytest.fixture
+def forwarder() -> Iterator[Callable[..., Forwarder]]:
+    """Factory: a TCP forwarder to a server port; every one is cut at teardown."""
+    made: list[Forwarder] = []
+
+    def make(upstream_port: int, port: int = 0) -> Forwarder:
+        f = Forwarder(upstream_port, port)
+        made.append(f)
+        return f
+
+    yield make
+    for f in made:
+        f.cut()
+
+
+@pytest.fixture
+def tmux_pane(short_tmp: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., TmuxPane]]:
+    """Factory: a detached tmux session (a real terminal) on a private tmux
+    server; skipped when tmux is missing; killed at teardown."""
+    if shutil.which("tmux") is None:
+        pytest.skip(
+            "tmux is not installed: the terminal tests need it as a terminal (apt install tmux)"
+        )
+    made: list[TmuxPane] = []
+
+    def make(command: str, width: int = 40, height: int = 15) -> TmuxPane:
+        name = f"pc{os.getpid()}-{len(made)}-{request.node.name[:30]}"
+        name = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+        pane = TmuxPane(short_tmp, name, command, width, height)
+        made.append(pane)
+        return pane
+
+    yield make
+    for pane in made:
+        pane.close()

@@ -345,11 +345,18 @@ def settled_client(server: ServerProcess, target: int | str | Path, label: str) 
 class StructuredClient:
     """A JSON Lines (``PICCHAT/1``) participant."""
 
-    def __init__(self, target: int | str | Path, name: str | None = None, member: bool = True):
+    def __init__(
+        self,
+        target: int | str | Path,
+        name: str | None = None,
+        member: bool = True,
+        **hello_extra: Any,
+    ):
         self.lines = Client(target, label=f"structured {name}", welcome=False)
         hello: dict[str, Any] = {"member": member, "client": "integration-test"}
         if name is not None:
             hello["name"] = name
+        hello.update(hello_extra)  # e.g. session=TOKEN, resume={...}
         self.lines.send_line("PICCHAT/1 " + json.dumps(hello))
         m = self.lines.expect(r"^PICCHAT/1 (\{.*\})$")
         self.welcome = json.loads(m.group(1))
@@ -382,10 +389,23 @@ class StructuredClient:
 class ProcessPeer(LineSource):
     """A participant that is a real program (nc, socat, telnet): stdin in, stdout out."""
 
-    def __init__(self, args: list[str], label: str) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        label: str,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | Path | None = None,
+        stderr: int = subprocess.PIPE,
+    ) -> None:
         super().__init__(label)
         self.proc = subprocess.Popen(
-            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            args,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=env,
+            cwd=cwd,
         )
         assert self.proc.stdout is not None
         self._fd = self.proc.stdout.fileno()
@@ -422,3 +442,342 @@ class ProcessPeer(LineSource):
                 except OSError:
                     pass
         self._sel.close()
+
+
+# ---- the interactive client, a forwarder to cut its link, a terminal ---------
+
+
+def client_cmd(*args: str, python: str = sys.executable) -> list[str]:
+    """picchat-client, run from the checkout (no installation needed)."""
+    return [
+        python,
+        "-c",
+        "from picchat.cli import client_main; raise SystemExit(client_main())",
+        *args,
+    ]
+
+
+# An incoming chat line as picchat-client prints it: replayed ones carry the
+# time the server accepted them ("[12:34] bob: hi"), live ones do not.
+REPLAY_PREFIX = r"(?:\[[0-9: -]+\] )?"
+
+
+class ClientProcess(ProcessPeer):
+    """A real picchat-client with stdin a pipe: it reads lines, prints lines, no prompt.
+
+    stderr goes into the same pipe, so a traceback shows up in a failure's
+    "last lines received".
+    """
+
+    def __init__(self, port: int, *args: str, label: str = "picchat-client") -> None:
+        argv = client_cmd("--port", str(port), *args)
+        super().__init__(argv, label, env=base_env(), cwd=ROOT, stderr=subprocess.STDOUT)
+
+    def wait_exit(self, timeout: float = DEFAULT_TIMEOUT) -> int:
+        return self.proc.wait(timeout)
+
+    def count(self, pattern: str) -> int:
+        """How many lines received so far match ``pattern`` (re.search)."""
+        rx = re.compile(pattern)
+        return sum(1 for line in self.history if rx.search(line))
+
+
+class Forwarder:
+    """A TCP forwarder on 127.0.0.1 between a client and the server: the
+    link a test can cut (every socket and the listener closed) and restore on
+    the same port.
+
+    One thread runs a selectors loop; the test talks to it through commands
+    that return once the loop has carried them out, so after ``pause_down()``
+    returns not one more byte goes from the server to the client.
+    """
+
+    def __init__(self, upstream_port: int, port: int = 0) -> None:
+        self.upstream_port = upstream_port
+        self.port = port
+        self.accepted = 0  # connections accepted, over all runs
+        self.orphans_closed = 0  # server-side sockets the server closed after drop_clients()
+        self._thread: threading.Thread | None = None
+        self._commands: list[tuple[str, threading.Event]] = []
+        self._lock = threading.Lock()
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def start(self) -> None:
+        """Listen (again) on ``self.port`` and forward."""
+        assert self._thread is None, "the forwarder is running already"
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # The port's old connections may sit in TIME_WAIT: rebind anyway.
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(16)
+        self.port = listener.getsockname()[1]
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._thread = threading.Thread(target=self._run, args=(listener,), daemon=True)
+        self._thread.start()
+
+    restart = start
+
+    def cut(self) -> None:
+        """Close every connection and the listener: the link is down."""
+        if self._thread is None:
+            return
+        self._command("stop")
+        self._thread.join(DEFAULT_TIMEOUT)
+        assert not self._thread.is_alive(), "the forwarder thread did not stop"
+        self._thread = None
+        for s in (self._wake_r, self._wake_w):
+            if s is not None:
+                s.close()
+        self._wake_r = self._wake_w = None
+
+    close = cut
+
+    def pause_down(self) -> None:
+        """Stop forwarding from the server to the client (data waits in the kernel)."""
+        self._command("pause")
+
+    def resume_down(self) -> None:
+        self._command("resume")
+
+    def drop_clients(self) -> None:
+        """Close the client-side sockets only: the client sees its connection
+        die, the server does not (its sockets stay open, unread)."""
+        self._command("drop_clients")
+
+    def _command(self, what: str) -> None:
+        done = threading.Event()
+        with self._lock:
+            self._commands.append((what, done))
+        assert self._wake_w is not None
+        self._wake_w.send(b"!")
+        assert done.wait(DEFAULT_TIMEOUT), f"the forwarder did not carry out {what!r}"
+
+    def _run(self, listener: socket.socket) -> None:
+        assert self._wake_r is not None
+        sel = selectors.DefaultSelector()
+        sel.register(listener, selectors.EVENT_READ, "listener")
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        other: dict[socket.socket, socket.socket | None] = {}  # None: an orphan
+        upstream: set[socket.socket] = set()
+        paused = False
+
+        def close(s: socket.socket) -> None:
+            if s in other:
+                del other[s]
+                upstream.discard(s)
+                try:
+                    sel.unregister(s)
+                except (KeyError, ValueError):
+                    pass
+                s.close()
+
+        def close_pair(s: socket.socket) -> None:
+            peer = other.get(s)
+            close(s)
+            if peer is not None:
+                close(peer)
+
+        try:
+            while True:
+                for key, _ in sel.select():
+                    s = key.fileobj
+                    assert isinstance(s, socket.socket)
+                    if key.data == "listener":
+                        conn, _ = listener.accept()
+                        try:
+                            up = socket.create_connection(
+                                ("127.0.0.1", self.upstream_port), timeout=DEFAULT_TIMEOUT
+                            )
+                        except OSError:
+                            conn.close()
+                            continue
+                        self.accepted += 1
+                        conn.settimeout(DEFAULT_TIMEOUT)
+                        other[conn], other[up] = up, conn
+                        upstream.add(up)
+                        sel.register(conn, selectors.EVENT_READ, "client")
+                        if not paused:
+                            sel.register(up, selectors.EVENT_READ, "server")
+                    elif key.data == "wake":
+                        s.recv(4096)
+                        with self._lock:
+                            commands, self._commands = self._commands, []
+                        for what, done in commands:
+                            if what == "stop":
+                                for _, d in commands:
+                                    d.set()
+                                return
+                            if what == "pause" and not paused:
+                                paused = True
+                                for up in upstream:
+                                    if other.get(up) is not None:
+                                        sel.unregister(up)
+                            elif what == "resume" and paused:
+                                paused = False
+                                for up in upstream:
+                                    if other.get(up) is not None:
+                                        sel.register(up, selectors.EVENT_READ, "server")
+                            elif what == "drop_clients":
+                                for conn in [c for c in other if c not in upstream]:
+                                    up = other[conn]
+                                    close(conn)
+                                    if up is not None:
+                                        other[up] = None  # keep it open, unread
+                                        try:
+                                            sel.modify(up, selectors.EVENT_READ, "orphan")
+                                        except KeyError:  # not registered (paused)
+                                            sel.register(up, selectors.EVENT_READ, "orphan")
+                            done.set()
+                    else:
+                        try:
+                            data = s.recv(65536)
+                        except OSError:
+                            data = b""
+                        if key.data == "orphan":
+                            if not data:  # the server closed it at last
+                                self.orphans_closed += 1
+                                close(s)
+                            continue  # its data goes nowhere
+                        peer = other.get(s)
+                        if not data or peer is None:
+                            close_pair(s)
+                            continue
+                        try:
+                            peer.sendall(data)
+                        except OSError:
+                            close_pair(s)
+        finally:
+            for s in list(other):
+                s.close()
+            listener.close()
+            sel.close()
+            with self._lock:
+                for _, done in self._commands:
+                    done.set()
+                self._commands.clear()
+
+
+class TmuxPane:
+    """A real terminal: a detached tmux session of its own, on a private tmux
+    server (socket in ``tmp``), ``width`` x ``height`` cells.
+
+    Every wait polls capture-pane until a deadline; ``close()`` kills this
+    session and this private tmux server only.
+    """
+
+    def __init__(
+        self, tmp: Path, name: str, command: str, width: int = 40, height: int = 15
+    ) -> None:
+        self.tmp = tmp
+        self.socket = tmp / "tmux.sock"
+        self.name = name
+        self.width = width
+        env = base_env(LANG="C.UTF-8", LC_ALL="C.UTF-8", TERM="xterm-256color")
+        env.pop("TMUX", None)
+        self._env = env
+        self.tmux("new-session", "-d", "-s", name, "-x", str(width), "-y", str(height), command)
+
+    def tmux(self, *args: str) -> str:
+        r = subprocess.run(
+            ["tmux", "-S", str(self.socket), "-f", "/dev/null", *args],
+            env=self._env,
+            capture_output=True,
+            timeout=DEFAULT_TIMEOUT,
+            check=False,
+        )
+        if r.returncode != 0:
+            raise AssertionError(f"tmux {' '.join(args)} failed: {r.stderr.decode()}")
+        return r.stdout.decode("utf-8", "replace")
+
+    def screen(self, joined: bool = False) -> list[str]:
+        """The visible rows (trailing blanks removed); ``joined``: wrapped rows joined."""
+        args = ["capture-pane", "-p", "-t", self.name]
+        if joined:
+            args.append("-J")
+        rows = [row.rstrip() for row in self.tmux(*args).split("\n")]
+        while rows and not rows[-1]:
+            rows.pop()
+        return rows
+
+    def cursor(self) -> tuple[int, int]:
+        x, y = self.tmux(
+            "display-message", "-p", "-t", self.name, "#{cursor_x} #{cursor_y}"
+        ).split()
+        return int(x), int(y)
+
+    def wait_for(self, check, what: str, timeout: float = DEFAULT_TIMEOUT, joined: bool = False):
+        """Poll the screen until ``check(rows)`` is truthy; return its value."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = self.screen(joined)
+            result = check(rows)
+            if result:
+                return result
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"tmux {self.name}: no {what} within {timeout} s; screen:\n" + "\n".join(rows)
+                )
+            time.sleep(0.02)
+
+    def wait_for_row(self, pattern: str, timeout: float = DEFAULT_TIMEOUT) -> re.Match[str]:
+        rx = re.compile(pattern)
+
+        def check(rows: list[str]) -> re.Match[str] | None:
+            for row in rows:
+                m = rx.search(row)
+                if m:
+                    return m
+            return None
+
+        return self.wait_for(check, f"row matching {pattern!r}", timeout)
+
+    def wait_for_file(self, path: Path, timeout: float = DEFAULT_TIMEOUT) -> str:
+        """The content of ``path`` once it exists and ends with a newline."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                text = path.read_text()
+            except FileNotFoundError:
+                text = ""
+            if text.endswith("\n"):
+                return text
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"tmux {self.name}: {path.name} not written within {timeout} s; screen:\n"
+                    + "\n".join(self.screen())
+                )
+            time.sleep(0.02)
+
+    def pane_pid(self) -> int:
+        """The pid of the pane's shell (tmux started it for us)."""
+        return int(self.tmux("display-message", "-p", "-t", self.name, "#{pane_pid}").strip())
+
+    def children(self) -> list[int]:
+        """The pids of the pane shell's children (the program it runs)."""
+        pid = self.pane_pid()
+        try:
+            text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+        except FileNotFoundError:
+            return []
+        return [int(x) for x in text.split()]
+
+    def type(self, text: str) -> None:
+        """Type ``text`` literally (UTF-8 as is)."""
+        self.tmux("send-keys", "-t", self.name, "-l", text)
+
+    def keys(self, *keys: str) -> None:
+        """Press keys by tmux name: Enter, BSpace, C-c, C-d."""
+        self.tmux("send-keys", "-t", self.name, *keys)
+
+    def close(self) -> None:
+        for args in (("kill-session", "-t", self.name), ("kill-server",)):
+            try:
+                self.tmux(*args)
+            except (AssertionError, subprocess.TimeoutExpired):
+                pass

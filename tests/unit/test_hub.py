@@ -415,11 +415,13 @@ def test_a_peer_that_never_reads_is_disconnected_and_others_still_receive():
     net.settle()
     line = b"y" * 1000
     received = []
-    for _ in range(10):
+    for _ in range(5):  # 5 x 1009 bytes: past max_queue, within the hard bound
         net.send(3, line + b"\n")
         received.extend(net.lines(2))
-        assert len(net.hub.output(1)) <= 4096
-    assert received == ["guest3: " + line.decode()] * 10
+        assert net.hub.check_behind(2) is False  # drained: not behind
+    assert received == ["guest3: " + line.decode()] * 5
+    assert net.hub.take_doomed() == []  # over max_queue, but no send was tried yet
+    assert net.hub.check_behind(1) is True  # the I/O layer asks after a send attempt
     doomed = net.hub.take_doomed()
     assert [cid for cid, _ in doomed] == [1]
     assert "too slow" in doomed[0][1]
@@ -436,12 +438,12 @@ def test_a_doomed_peer_is_ignored_until_it_is_gone():
     net = Net(max_line=1024, max_queue=4096)
     net.open(1)
     net.open(2)
-    for _ in range(6):
+    for _ in range(10):  # past the hard bound (2 x max_queue) within one turn
         net.send(2, b"z" * 1000 + b"\n")
     assert [cid for cid, _ in net.hub.take_doomed()] == [1]
     net.send(1, b"hello from the dead\n")
     assert net.read(2) == b""
-    assert net.hub.messages == 6
+    assert net.hub.messages == 10
 
 
 def test_replies_that_overflow_the_queue_doom_the_peer():
@@ -450,7 +452,7 @@ def test_replies_that_overflow_the_queue_doom_the_peer():
     for cid in range(2, 300):
         net.open(cid)
     # /who answers with up to 200 names, more than 4096 bytes with the rest queued
-    for _ in range(3):
+    for _ in range(5):
         net.send(1, b"/who\n")
     assert [cid for cid, _ in net.hub.take_doomed()] == [1]
     assert 1 not in net.hub.room
