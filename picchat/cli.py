@@ -144,6 +144,9 @@ def send_main(argv: list[str] | None = None) -> int:
     if args.port is not None and not 0 < args.port < 65536:
         print("picchat-send: --port must be between 1 and 65535", file=sys.stderr)
         return EX_USAGE
+    if not args.timeout > 0 or not args.wait >= 0:
+        print("picchat-send: --timeout must be above 0 and --wait not below 0", file=sys.stderr)
+        return EX_USAGE
     try:
         count = send(
             args.message,

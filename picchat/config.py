@@ -21,15 +21,24 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .room import name_problem
+
 
 class ConfigError(Exception):
     """A setting has a value we cannot use; exit 78 (EX_CONFIG)."""
 
 
-def _opt(default: Any, help: str, *, minimum: float | None = None, choices=None):
+def _opt(
+    default: Any,
+    help: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    choices=None,
+):
     return field(
         default=default,
-        metadata={"help": help, "min": minimum, "choices": choices},
+        metadata={"help": help, "min": minimum, "max": maximum, "choices": choices},
     )
 
 
@@ -69,13 +78,21 @@ class Settings:
         "a client keeps fewer unacknowledged messages than this",
         minimum=1,
     )
-    presence_interval: float = _opt(1.0, "seconds between join/leave summary lines", minimum=0.0)
-    shutdown_timeout: float = _opt(
-        2.0, "seconds to flush output to clients when stopping", minimum=0.0
+    presence_interval: float = _opt(
+        1.0, "seconds between join/leave summary lines", minimum=0.0, maximum=3600.0
     )
-    keepalive_idle: int = _opt(60, "TCP keepalive: idle seconds before probing", minimum=1)
-    keepalive_interval: int = _opt(10, "TCP keepalive: seconds between probes", minimum=1)
-    keepalive_count: int = _opt(3, "TCP keepalive: unanswered probes before a drop", minimum=1)
+    shutdown_timeout: float = _opt(
+        2.0, "seconds to flush output to clients when stopping", minimum=0.0, maximum=3600.0
+    )
+    keepalive_idle: int = _opt(
+        60, "TCP keepalive: idle seconds before probing", minimum=1, maximum=32767
+    )
+    keepalive_interval: int = _opt(
+        10, "TCP keepalive: seconds between probes", minimum=1, maximum=32767
+    )
+    keepalive_count: int = _opt(
+        3, "TCP keepalive: unanswered probes before a drop", minimum=1, maximum=127
+    )
     console: str = _opt(
         "auto",
         "the server's terminal as a participant named Server; 'auto': when stdin is a "
@@ -139,10 +156,12 @@ def _convert(name: str, value: Any, source: str) -> Any:
                 raise ValueError(f"{value!r} is not a finite number")
         elif not isinstance(value, str):
             raise ValueError(f"{value!r} is not a string")
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:  # TypeError: a TOML table or list
         raise ConfigError(f"{flag(name)[2:]} from {source}: {exc}") from None
     if meta["min"] is not None and value < meta["min"]:
         raise ConfigError(f"{flag(name)[2:]} from {source}: {value} is below {meta['min']}")
+    if meta["max"] is not None and value > meta["max"]:
+        raise ConfigError(f"{flag(name)[2:]} from {source}: {value} is above {meta['max']}")
     if name == "port" and value > 65535:
         raise ConfigError(f"port from {source}: {value} is above 65535")
     if meta["choices"] and value not in meta["choices"]:
@@ -196,7 +215,23 @@ def load(
             values[name] = _convert(name, raw, env_name(name))
     for name, value in (cli or {}).items():
         values[name] = _convert(name, value, flag(name))
-    return Settings(**values)
+    settings = Settings(**values)
+    check(settings)
+    return settings
+
+
+def check(settings: Settings) -> None:
+    """Rules between settings (each value alone has been checked already)."""
+    if settings.max_queue < 4 * settings.max_line:
+        # A message of max-line bytes may take twice that in JSON, and the
+        # queue must hold a few of them, or a single message drops a reader.
+        raise ConfigError(
+            f"max-queue ({settings.max_queue}) must be at least 4 x max-line "
+            f"({4 * settings.max_line})"
+        )
+    problem = name_problem(settings.fifo_name)
+    if problem is not None:
+        raise ConfigError(f"fifo-name {settings.fifo_name!r}: {problem}")
 
 
 # ---- the local socket's default path ---------------------------------------

@@ -120,8 +120,9 @@ class Hub:
         max_sessions: int = 10000,
         dedupe_window: int = 128,
         new_token: Callable[[], str] = lambda: secrets.token_hex(16),
+        reserved_names: tuple[str, ...] = (),
     ) -> None:
-        self.room = Room(history_id, history_limit)
+        self.room = Room(history_id, history_limit, reserved_names)
         self.max_line = max_line
         self.max_queue = max_queue
         self.log_chat = log_chat
@@ -205,13 +206,7 @@ class Hub:
         if cid in self.room:
             name = self.room.name_of(cid)
             self.room.leave(cid)
-            log.log(
-                logging.INFO if peer.logged else logging.DEBUG,
-                "%s (%s) left: %s",
-                name,
-                peer.address,
-                reason,
-            )
+            self._log_leave(peer, name, reason)
         else:
             log.debug("%s (%s) closed: %s", peer.sender or "connection", peer.address, reason)
 
@@ -304,7 +299,10 @@ class Hub:
                 if peer.sender is not None:
                     self._send(peer, Error("not_member", "senders have no room name", id_))
                 else:
+                    old = self.room.name_of(cid)
                     self._deliver_all(self.room.rename(cid, name, id_))
+                    if self.room.name_of(cid) != old:
+                        log.info("%s (%s) is now known as %s", old, peer.address, name)
             case Who(id=id_):
                 self._send(peer, self.room.names(id_))
             case Help():
@@ -339,7 +337,7 @@ class Hub:
             self.room.leave(cid)
             peer.sender = name
             self._send(peer, self._welcome(name, member=False))
-            log.debug("%s (%s) is a sender (%s)", name, peer.address, hello.client)
+            log.info("%s posts from %s (%s)", name, peer.address, hello.client or "a sender")
             return
         resumed = self._attach(peer, hello.session)
         replies: list[Deliver] = []
@@ -495,8 +493,14 @@ class Hub:
         if peer.cid in self.room:
             name = self.room.name_of(peer.cid)
             self.room.leave(peer.cid)
-            level = logging.INFO if peer.logged else logging.DEBUG
-            log.log(level, "%s (%s) left: %s", name, peer.address, how)
+            self._log_leave(peer, name, how)
+
+    @staticmethod
+    def _log_leave(peer: Peer, name: str, how: str) -> None:
+        if peer.logged:
+            log.info("%s (%s) left: %s", name, peer.address, how)
+        else:  # its arrival was never logged: say both at once
+            log.info("%s connected from %s and left without a word: %s", name, peer.address, how)
 
     def _post(self, sender: str, text: str, now: float, exclude: int | None, origin: str = ""):
         msg, out = self.room.post(sender, text, now, exclude, origin)

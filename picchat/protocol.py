@@ -58,6 +58,7 @@ VERSION = 1
 HELLO_PREFIX = b"PICCHAT/"
 HELLO_TAG = f"PICCHAT/{VERSION}"
 _HELLO_RE = re.compile(rb"PICCHAT/(\d{1,6})(?:[ \t]+(.*))?\Z", re.DOTALL)
+_REPLY_RE = re.compile(rb"PICCHAT/\d{1,6}[ \t]")
 _ID_MAX = 64  # a client's message id is echoed back: keep it short
 
 
@@ -215,6 +216,8 @@ def _opt_id(value: Any) -> str | None:
     text = str(value)
     if len(text) > _ID_MAX:
         raise ValueError(f"id longer than {_ID_MAX} characters")
+    if not text.isprintable():
+        raise ValueError("id must be printable text")
     return text
 
 
@@ -309,7 +312,7 @@ class ServerConnection:
                 "use a picchat client of the same generation as the server",
             )
         try:
-            obj = json.loads(m.group(2) or b"{}")
+            obj = json.loads((m.group(2) or b"{}").decode("utf-8", "replace"))
             if not isinstance(obj, dict):
                 raise ValueError("the hello must be a JSON object")
             name = obj.get("name")
@@ -380,7 +383,7 @@ def _plain_request(line: bytes) -> list[Request]:
 
 def _json_request(line: bytes) -> Request:
     try:
-        obj = json.loads(line)
+        obj = json.loads(line.decode("utf-8", "replace"))  # invalid UTF-8 -> U+FFFD
     except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested too deep
         return Invalid("bad_frame", "not a JSON object: ignored")
     if not isinstance(obj, dict):
@@ -420,11 +423,12 @@ class ClientConnection:
     greets every connection before it knows its format): they are skipped.
     """
 
-    __slots__ = ("_reader", "welcome")
+    __slots__ = ("_reader", "last_plain", "welcome")
 
     def __init__(self, max_line: int = 1 << 20) -> None:
         self._reader = LineReader(max_line)
         self.welcome: dict[str, Any] | None = None
+        self.last_plain = ""  # the last line skipped before the reply (may explain a refusal)
 
     def receive_data(self, data: bytes) -> list[dict[str, Any]]:
         frames = []
@@ -432,7 +436,10 @@ class ClientConnection:
             if item is TOO_LONG:
                 raise ProtocolError("the server sent an overlong line")
             if self.welcome is None:
-                if not item.startswith(HELLO_PREFIX):
+                # Only "PICCHAT/<digits> ..." is the reply; anything else (the
+                # plain greeting, chat, "! server full") is for people.
+                if not _REPLY_RE.match(item):
+                    self.last_plain = item.decode("utf-8", "replace")
                     continue
                 frame = self._hello_reply(item)
                 if frame.get("type") == "welcome":

@@ -64,10 +64,12 @@ class Room:
         "_guest_counter",
         "_joined",  # member ids whose join is not announced yet
         "_left",  # names of members who left, not announced yet
+        "reserved",
     )
 
-    def __init__(self, history_id: str, history_limit: int) -> None:
+    def __init__(self, history_id: str, history_limit: int, reserved: tuple[str, ...] = ()) -> None:
         self.history_id = history_id
+        self.reserved = {n.casefold() for n in reserved}  # e.g. the FIFO's sender name
         self.history: deque[Message] = deque(maxlen=max(1, history_limit))
         self.seq = 0
         self._names: dict[int, str] = {}
@@ -141,6 +143,8 @@ class Room:
         old = self._names[mid]
         code = "bad_name"
         problem = name_problem(name)
+        if problem is None and name.casefold() in self.reserved:
+            problem = f"the name {name} is reserved for messages from the server's inputs"
         if problem is None and name == old:
             problem = f"you are {old} already"
         if problem is None:

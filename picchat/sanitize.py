@@ -10,7 +10,8 @@ no window-title change, no terminal query whose answer would be typed back. So:
 - ESC-introduced sequences (CSI, OSC, DCS, SOS, PM, APC and two-byte ESC
   sequences) are removed whole, so no printable debris is left behind;
 - the remaining C0 controls except TAB, DEL and the C1 controls U+0080-U+009F
-  are removed.
+  are removed;
+- lone surrogates (which JSON can carry) become U+FFFD.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ _ESCAPES = re.compile(
     re.VERBOSE | re.DOTALL,
 )
 _CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+# Lone surrogates can come out of JSON ("\\ud800") but cannot be encoded.
+_SURROGATES = re.compile(r"[\ud800-\udfff]")
 
 
 def strip_telnet(data: bytes) -> bytes:
@@ -66,7 +69,7 @@ def clean_text(text: str) -> str:
     """Remove escape sequences and control characters (TAB stays)."""
     if text.isprintable():  # the common case: nothing to do
         return text
-    return _CONTROLS.sub("", _ESCAPES.sub("", text))
+    return _SURROGATES.sub("\ufffd", _CONTROLS.sub("", _ESCAPES.sub("", text)))
 
 
 def clean_bytes(data: bytes) -> str:

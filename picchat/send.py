@@ -9,6 +9,7 @@ per line, yet the server's output queue for our acks stays small.
 from __future__ import annotations
 
 import getpass
+import os
 import socket
 import sys
 import time
@@ -19,6 +20,7 @@ from . import __version__
 from .config import default_socket_path
 from .exits import EX_DATAERR, EX_NOPERM, EX_PROTOCOL, EX_TEMPFAIL, EX_UNAVAILABLE
 from .protocol import ClientConnection, ProtocolError, encode_hello, encode_request
+from .room import NAME_MAX
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 1234
@@ -33,11 +35,28 @@ class SendError(Exception):
 
 
 def default_name() -> str:
+    """user@host, cut to the longest name the server takes."""
     try:
         user = getpass.getuser()
     except (KeyError, OSError):
         user = "user"
-    return f"{user}@{socket.gethostname().split('.')[0]}"
+    return f"{user}@{socket.gethostname().split('.')[0]}"[:NAME_MAX]
+
+
+def _path_exists(path: Path) -> bool:
+    """Does the socket file exist? A directory we may not search is our
+    permission problem, not a missing server: say so (exit 77)."""
+    try:
+        os.stat(path)
+    except PermissionError:
+        raise SendError(
+            f"permission denied on the directory of the server's socket {path}: join the "
+            "group that owns it, or use --host/--port",
+            EX_NOPERM,
+        ) from None
+    except OSError:
+        return False
+    return True
 
 
 def _connect_once(
@@ -47,7 +66,7 @@ def _connect_once(
     tried = []
     if not tcp_only:
         path = Path(socket_path) if socket_path else default_socket_path()
-        if socket_path or path.exists():
+        if socket_path or _path_exists(path):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(timeout)
             try:
@@ -95,8 +114,17 @@ def connect(
             time.sleep(min(RETRY_INTERVAL, left))
 
 
+def _text(arg: str) -> str:
+    """A command-line argument as text: bytes that are not UTF-8 become U+FFFD."""
+    return os.fsencode(arg).decode("utf-8", "replace")
+
+
 def _lines(message: str) -> Iterator[str]:
-    source: Iterable[str] = sys.stdin if message == "-" else message.splitlines()
+    source: Iterable[str]
+    if message == "-":  # bytes, so that input that is not UTF-8 cannot crash us
+        source = (raw.decode("utf-8", "replace") for raw in sys.stdin.buffer)
+    else:
+        source = _text(message).splitlines()
     for line in source:
         line = line.rstrip("\r\n")
         if line.strip():
@@ -125,7 +153,11 @@ class _Session:
                     f"lost the connection to {self.where}: {exc.strerror}", EX_UNAVAILABLE
                 ) from None
             if not data:
-                raise SendError(f"the server at {self.where} closed the connection", EX_UNAVAILABLE)
+                said = self.client.last_plain if self.client.welcome is None else ""
+                why = f": {said[2:]}" if said.startswith("! ") else ""
+                raise SendError(
+                    f"the server at {self.where} closed the connection{why}", EX_UNAVAILABLE
+                )
             try:
                 self.frames.extend(self.client.receive_data(data))
             except ProtocolError as exc:
@@ -156,7 +188,11 @@ def send(
     with sock:
         s = _Session(sock, where, timeout)
         s.send(
-            encode_hello(name or default_name(), member=False, client=f"picchat-send/{__version__}")
+            encode_hello(
+                _text(name) if name else default_name(),
+                member=False,
+                client=f"picchat-send/{__version__}",
+            )
         )
         welcome = s.next_frame()
         if welcome.get("type") != "welcome":

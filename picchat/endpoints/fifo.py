@@ -3,12 +3,17 @@
 ``echo "temp high" > /run/picchat/in.fifo`` from any script or cron job.
 
 - The FIFO is created if missing, mode 0620 (owner and group may write, never
-  the world); an existing file that is not a FIFO is refused.
-- We hold a write end open ourselves, so the read end never sees EOF when the
-  last writer goes: without it, epoll would report the FIFO readable (EOF)
-  on every turn and the loop would spin.
+  the world); an existing file that is not a FIFO, or a world-writable one, is
+  refused.
+- When the last writer closes, the read end reports end of file, and would
+  keep reporting it on every loop turn (a busy loop). So at end of file we
+  take the unterminated last line, if any, as a line (``echo -n`` works), and
+  open the read end anew: Linux does not report a fresh read end readable
+  until a writer has come (and gone) again.
 - Lines are framed by the same LineReader as sockets: a writer that never
-  sends a newline fills at most ``max_line`` bytes and blocks nothing.
+  sends a newline fills at most ``max_line`` bytes and blocks nothing. Lines
+  of several writers writing at once can interleave: a FIFO cannot tell them
+  apart (writes up to PIPE_BUF, 4096 bytes, are atomic).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ class FifoReader:
         self._loop = loop
         self._on_line = on_line
         self._reader = LineReader(max_line)
-        self._rfd = self._wfd = -1
+        self._rfd = -1
         self._open()
 
     def _open(self) -> None:
@@ -56,12 +61,13 @@ class FifoReader:
                 raise StartupError(
                     f"{path} is world-writable: anyone could post; chmod o-w it or remove it"
                 )
+        self._open_read_end()
+
+    def _open_read_end(self) -> None:
         try:
-            self._rfd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            self._wfd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            self._rfd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
-            self.close()
-            raise StartupError(f"cannot open the FIFO {path}: {exc.strerror}") from None
+            raise StartupError(f"cannot open the FIFO {self.path}: {exc.strerror}") from None
         self._loop.add_reader(self._rfd, self._readable)
 
     def _readable(self) -> None:
@@ -69,11 +75,21 @@ class FifoReader:
             data = os.read(self._rfd, 65536)
         except BlockingIOError:
             return
-        if not data:  # cannot happen while we hold a write end; never spin on it
-            log.error("FIFO %s reported end of file; no longer reading it", self.path)
+        if not data:  # the last writer closed: finish its line, start afresh
+            last = self._reader.take_partial()
+            self._lines([last] if last else [])
             self._loop.forget(self._rfd)
+            os.close(self._rfd)
+            self._rfd = -1
+            try:
+                self._open_read_end()
+            except StartupError as exc:
+                log.error("%s; no longer reading the FIFO", exc)
             return
-        for item in self._reader.feed(data):
+        self._lines(self._reader.feed(data))
+
+    def _lines(self, items: list) -> None:
+        for item in items:
             if item is TOO_LONG:
                 log.warning(
                     "A line written to %s was longer than %d bytes (max-line) and was discarded",
@@ -84,8 +100,7 @@ class FifoReader:
                 self._on_line(item)
 
     def close(self) -> None:
-        for fd in (self._rfd, self._wfd):
-            if fd >= 0:
-                self._loop.forget(fd)
-                os.close(fd)
-        self._rfd = self._wfd = -1
+        if self._rfd >= 0:
+            self._loop.forget(self._rfd)
+            os.close(self._rfd)
+        self._rfd = -1

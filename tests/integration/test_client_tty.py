@@ -55,9 +55,8 @@ class TtyClient:
         def check(rows: list[str]) -> list[str] | None:
             if not self.input_ok(rows, text):
                 return None
-            # Rows the terminal wrapped joined again: the message may be long.
-            above = self.pane.screen(joined=True)[:-1]
-            return rows if any(row.startswith(message) for row in above) else None
+            above = rows[: -len(wrap(PROMPT + text))]
+            return rows if starts_rows(above, message) else None
 
         return self.pane.wait_for(check, f"{message!r} above the input line {text!r}")
 
@@ -92,6 +91,16 @@ def wrap(text: str, width: int = WIDTH) -> list[str]:
     return [r.rstrip() for r in rows]
 
 
+def starts_rows(rows: list[str], text: str) -> bool:
+    """Some row starts ``text`` as printed from column 0 (wrapped at WIDTH)."""
+    want = wrap(text)
+    k = len(want)
+    for i in range(len(rows) - k + 1):
+        if rows[i : i + k - 1] == want[:-1] and rows[i + k - 1].startswith(want[-1]):
+            return True
+    return False
+
+
 @pytest.fixture
 def bob(server: ServerProcess, clients) -> Client:
     b = settled_client(server, server.port, "bob")
@@ -116,7 +125,10 @@ def test_half_typed_multibyte_line_survives_an_incoming_message(alice, bob):
     rows = alice.wait_message_above_input("bob: hi alice", "héllo 日本")
     assert sum("héllo" in row for row in rows) == 1, rows  # no stale copy of the input
     # The cursor is right after the text: 13 + 6 + 2 * 2 cells.
-    assert alice.pane.cursor() == (cells(PROMPT + "héllo 日本"), len(rows) - 1)
+    alice.pane.wait_for(
+        lambda rows: alice.pane.cursor() == (cells(PROMPT + "héllo 日本"), len(rows) - 1),
+        "the cursor right after the half-typed text",
+    )
     alice.pane.type(" ok")
     alice.pane.keys("Enter")
     bob.expect(r"^alice: héllo 日本 ok$")

@@ -511,10 +511,20 @@ def test_client_refuses_a_welcome_from_another_version():
         client.receive_data(b'PICCHAT/2 {"type":"welcome","name":"x"}\n')
 
 
-@pytest.mark.parametrize("line", [b"PICCHAT/x\n", b"PICCHAT/1 {bad\n", b"PICCHAT/1 [1]\n"])
+@pytest.mark.parametrize("line", [b"PICCHAT/1 {bad\n", b"PICCHAT/1 [1]\n"])
 def test_client_refuses_a_malformed_hello_reply(line):
     with pytest.raises(ProtocolError):
         ClientConnection().receive_data(line)
+
+
+@pytest.mark.parametrize("line", [b"PICCHAT/x\n", b'PICCHAT/1: {"type":"welcome"}\n'])
+def test_client_skips_lines_that_only_look_like_a_reply(line):
+    # "PICCHAT/1: ..." is chat from a member named PICCHAT/1 (names have no
+    # space, and chat lines have a colon): it must not pass for the welcome.
+    client = ClientConnection()
+    assert client.receive_data(line) == []
+    assert client.welcome is None
+    assert client.last_plain == line.decode().rstrip("\n")
 
 
 def test_client_refuses_an_overlong_line():
