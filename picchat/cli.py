@@ -37,7 +37,7 @@ def server_parser() -> Parser:
         "defaults, then the config file, then PICCHAT_* environment variables, then "
         "these options (each later one wins).",
         epilog="Exit codes: 0 stopped cleanly, 64 usage error, 69 a listener could not "
-        "be opened, 78 configuration error.",
+        "be opened, 70 internal error (see the log), 78 configuration error.",
     )
     p.add_argument("--version", action="version", version=f"picchat {__version__}")
     p.add_argument(
@@ -80,7 +80,9 @@ def server_main(argv: list[str] | None = None) -> int:
     try:
         settings = load(cli=args, config_path=config_path)
     except ConfigError as exc:
-        print(f"picchat-server: configuration error: {exc}", file=sys.stderr)
+        # Under systemd, give it the error priority (<3>) so `journalctl -p err` shows it.
+        prefix = "<3>" if logs.journal_stream() else ""
+        print(f"{prefix}picchat-server: configuration error: {exc}", file=sys.stderr)
         return EX_CONFIG
     writer = logs.setup(settings.log_level, settings.log_buffer)
     try:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .protocol import encode_hello, encode_request
+from .sanitize import clean_text
 
 HELP = (
     "Commands: /nick NAME (change your name), /who (who is here), /quit (leave; "
@@ -147,6 +148,9 @@ class ClientSession:
     # ---- the server sent a frame ---------------------------------------------------
 
     def receive(self, frame: dict[str, Any]) -> tuple[bytes, list[Output]]:
+        # Whatever the server sends reaches the user's terminal: clean every
+        # string in it, as the server does, in case the server is not ours.
+        frame = {k: clean_text(v) if isinstance(v, str) else v for k, v in frame.items()}
         kind = frame.get("type")
         if kind == "welcome":
             return self._welcome(frame)
@@ -186,7 +190,7 @@ class ClientSession:
         if kind in ("presence", "notice", "gap"):
             return b"", [Show(str(frame.get("text")), kind="notice")]
         if kind == "names":
-            names = ", ".join(frame.get("names", []))
+            names = ", ".join(clean_text(str(n)) for n in frame.get("names", []))
             count = frame.get("count", 0)
             more = count - len(frame.get("names", []))
             if more > 0:

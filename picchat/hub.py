@@ -397,7 +397,9 @@ class Hub:
 
     def _start_replay(self, peer: Peer, resume: Resume) -> None:
         room = self.room
-        if resume.history_id != room.history_id:
+        # A seq beyond the newest cannot come from this history (a client
+        # confused, or from another server): treat it as another history.
+        if resume.history_id != room.history_id or resume.seq > room.seq:
             self._send(
                 peer,
                 Gap(
