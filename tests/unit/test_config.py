@@ -279,3 +279,33 @@ def test_parse_errors_exit_64(argv, capsys):
         cli.server_parser().parse_args(argv)
     assert exc.value.code == 64
     assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "toml",
+    ["port = [1]", "max-line = { a = 1 }", "port = 1979-05-27", "log-chat = [true]"],
+)
+def test_values_of_the_wrong_kind_are_configuration_errors(tmp_path, toml):
+    with pytest.raises(ConfigError) as err:
+        load(env={}, config_path=write(tmp_path, toml))
+    assert toml.split(" =")[0] in str(err.value)
+
+
+def test_max_queue_must_hold_a_few_lines():
+    with pytest.raises(ConfigError, match="max-queue"):
+        load(cli={"max_line": "65536", "max_queue": "65536"}, env={})
+    assert load(cli={"max_line": "1024", "max_queue": "4096"}, env={}).max_queue == 4096
+
+
+@pytest.mark.parametrize("name", ["bad name", "Server", "a:b", ""])
+def test_fifo_name_must_be_a_valid_name(name):
+    with pytest.raises(ConfigError, match="fifo-name"):
+        load(cli={"fifo_name": name}, env={})
+
+
+@pytest.mark.parametrize(
+    "setting, value", [("presence_interval", "1e10"), ("shutdown_timeout", "1e300")]
+)
+def test_timers_have_an_upper_bound(setting, value):
+    with pytest.raises(ConfigError, match="above"):
+        load(cli={setting: value}, env={})

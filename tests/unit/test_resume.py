@@ -530,3 +530,17 @@ def test_a_restarted_server_shows_a_gap_and_its_whole_history():
     assert alice.chat_shown() == ["fifo: m1", "fifo: m2", "fifo: m3", "fifo: m100", "fifo: m101"]
     assert alice.session.history_id == "h2"
     assert alice.session.seq == 2
+
+
+def test_a_resume_seq_beyond_the_newest_is_treated_as_another_history():
+    net = Net()
+    net.structured(1, "alice")
+    net.send(1, encode_request({"type": "msg", "id": "a", "text": "one"}))
+    net.read(1)
+    net.open(2)
+    net.send(2, encode_hello("bob", resume={"history_id": "h1", "seq": 99}))
+    client = ClientConnection()
+    frames = client.receive_data(net.read(2))
+    assert [f["type"] for f in frames][:2] == ["welcome", "gap"]
+    assert frames[1]["reason"] == "new_history"
+    assert [f["text"] for f in frames if f["type"] == "msg"] == ["one"]

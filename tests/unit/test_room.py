@@ -286,3 +286,13 @@ def test_names_is_capped_at_who_sample():
     assert len(names.names) == WHO_SAMPLE
     assert names.names[0] == "guest1"
     assert names.id is None
+
+
+def test_reserved_names_cannot_be_taken():
+    room = Room("h", 10, reserved=("cron",))
+    room.join(1)
+    [d] = room.rename(1, "CRON")
+    assert d.frame.code == "bad_name" and "reserved" in d.frame.text
+    [d] = room.rename(1, "server")
+    assert d.frame.code == "bad_name" and "console" in d.frame.text
+    assert room.name_of(1) == "guest1"
