@@ -107,3 +107,24 @@ def test_fifo_overlong_line_is_dropped_and_logged(start_server, short_tmp, clien
     c.expect(r"^cron: short one$")
     assert not [line for line in c.history if "xxxx" in line]
     server.wait_for_log(r"longer than 100 bytes")
+
+
+def test_an_unterminated_line_is_taken_when_its_writer_closes(start_server, short_tmp, clients):
+    fifo = short_tmp / "in.fifo"
+    server = start_server("--fifo", str(fifo), "--fifo-name", "cron")
+    c = settled_client(server, server.port, "reader")
+    clients.append(c)
+    subprocess.run(["sh", "-c", f'printf "no newline" > "{fifo}"'], check=True, timeout=5)
+    c.expect(r"^cron: no newline$")
+    # The FIFO is read anew after that end of file: later writers still arrive.
+    write_fifo(fifo, b"next\n")
+    c.expect(r"^cron: next$")
+
+
+def test_members_cannot_take_the_fifo_name(start_server, short_tmp, clients):
+    fifo = short_tmp / "in.fifo"
+    server = start_server("--fifo", str(fifo), "--fifo-name", "cron")
+    c = Client(server.port, "spoofer")
+    clients.append(c)
+    c.send_line("/nick Cron")
+    c.expect(r"^! the name Cron is reserved")

@@ -239,3 +239,24 @@ def test_send_socket_without_permission_exits_77(how, start_server, short_tmp):
     line = one_line(proc.stderr)
     assert "permission" in line.lower() and str(sock_path) in line, line
     assert "intruder" not in server.log
+
+
+def test_send_takes_input_that_is_not_utf8(server, clients):
+    c = Client(server.port, "reader")
+    clients.append(c)
+    proc = subprocess.run(
+        [*send_cmd(), "--socket", str(server.sock_path), "--name", "bin", "-"],
+        env=base_env(),
+        input=b"ok\nbad \xff byte\n",
+        capture_output=True,
+        timeout=15,
+    )
+    assert proc.returncode == 0, proc.stderr
+    c.expect(r"^bin: ok$")
+    c.expect("^bin: bad \ufffd byte$")
+
+
+def test_send_rejects_a_bad_timeout(server):
+    proc, _ = run_send("--socket", str(server.sock_path), "--timeout", "-1", "x")
+    assert proc.returncode == 64
+    assert "--timeout" in one_line(proc.stderr)
