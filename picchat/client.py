@@ -171,6 +171,9 @@ class InteractiveClient:
                     self._show(o.text)
             elif isinstance(o, NameChanged):
                 if self.editor is not None:
+                    # Leave room for the JSON around the text (and escapes),
+                    # so a line the editor takes is one the server takes.
+                    self.editor.max_bytes = max(64, self.session.max_line // 2 - 64)
                     self._write(self.editor.set_prompt(self._prompt()))
             elif isinstance(o, Closing):
                 self._stop(EX_PROTOCOL if o.failed else EX_OK)

@@ -219,10 +219,11 @@ class ClientSession:
         if isinstance(max_line, int) and not isinstance(max_line, bool) and max_line > 0:
             self.max_line = max_line
         name = frame.get("name")
-        if isinstance(name, str) and name != self.name:
+        if isinstance(name, str):
+            if self.name is not None and name != self.name:
+                # Asked for another name (taken meanwhile?): say which we got.
+                out.append(Show(f"You are {name}", kind="notice"))
             self.name = name
-            out.append(NameChanged(name))
-        elif isinstance(name, str):
             out.append(NameChanged(name))
         # Resend everything not acknowledged, in order: the server drops the
         # ones it already has (same session, same id).

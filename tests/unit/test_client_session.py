@@ -105,7 +105,7 @@ def test_the_welcome_gives_the_name_the_server_chose():
     s = ClientSession("alice")
     data, out = s.receive(welcome(name="guest3"))
     assert data == b""
-    assert out == [NameChanged("guest3")]
+    assert out == [Show("You are guest3", kind="notice"), NameChanged("guest3")]
     assert s.name == "guest3"
     assert hello_obj(s.hello())["name"] == "guest3"
 
