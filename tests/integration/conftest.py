@@ -62,6 +62,11 @@ def start_server(short_tmp: Path) -> Iterator[Callable[..., ServerProcess]]:
     yield start
     for server in started:
         server.stop()
+    # Whatever a test did to it, the server must never have hit a bug of its
+    # own (it logs those with "Internal error" and a traceback).
+    for server in started:
+        log = server.log
+        assert "Internal error" not in log and "Traceback" not in log, log[-3000:]
 
 
 @pytest.fixture
