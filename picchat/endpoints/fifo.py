@@ -78,13 +78,16 @@ class FifoReader:
         if not data:  # the last writer closed: finish its line, start afresh
             last = self._reader.take_partial()
             self._lines([last] if last else [])
-            self._loop.forget(self._rfd)
-            os.close(self._rfd)
-            self._rfd = -1
+            # Open the new read end before closing the old one: with no reader
+            # at all, a writer would get ENXIO (O_NONBLOCK) or block.
+            old = self._rfd
+            self._loop.forget(old)
             try:
                 self._open_read_end()
             except StartupError as exc:
+                self._rfd = -1
                 log.error("%s; no longer reading the FIFO", exc)
+            os.close(old)
             return
         self._lines(self._reader.feed(data))
 
