@@ -49,7 +49,16 @@ def server_parser() -> Parser:
     for name, f in SETTINGS.items():
         t = setting_type(name)
         text = f"{f.metadata['help']} (default: {f.default!r}; env: {env_name(name)})"
-        if t is bool:
+        if t is tuple:
+            p.add_argument(
+                flag(name),
+                dest=name,
+                action="append",
+                metavar="SPEC",
+                default=argparse.SUPPRESS,
+                help=text,
+            )
+        elif t is bool:
             p.add_argument(
                 flag(name),
                 dest=name,

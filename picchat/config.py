@@ -99,6 +99,26 @@ class Settings:
         "terminal and not under systemd",
         choices=("auto", "on", "off"),
     )
+    serial: tuple[str, ...] = _opt(
+        (),
+        "serial line as a participant: DEVICE[,baud=N][,name=NAME][,mode=terminal|lines] "
+        "(repeatable; baud 115200, name the device's, mode terminal)",
+    )
+    serial_force: bool = _opt(
+        False, "open a serial device even if the kernel console or a getty uses it"
+    )
+    serial_retry: float = _opt(
+        5.0,
+        "seconds between attempts to open a missing or unplugged serial device",
+        minimum=0.1,
+        maximum=3600.0,
+    )
+    serial_queue: int = _opt(
+        16384,
+        "bytes of chat that may wait for a slow serial line; beyond it the oldest lines "
+        "for it are dropped (with a notice)",
+        minimum=1024,
+    )
     log_level: str = _opt("info", "least important log level shown", choices=LOG_LEVELS)
     log_chat: bool = _opt(True, "log every chat line (at info level)")
     log_buffer: int = _opt(
@@ -113,7 +133,7 @@ class Settings:
 
 
 SETTINGS = {f.name: f for f in fields(Settings)}
-_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "tuple[str, ...]": tuple}
 
 
 def setting_type(name: str) -> type:
@@ -133,6 +153,16 @@ def _convert(name: str, value: Any, source: str) -> Any:
     t = setting_type(name)
     meta = SETTINGS[name].metadata
     try:
+        if t is tuple:  # a repeatable option: a TOML list, or space-separated in the environment
+            if isinstance(value, str):
+                value = value.split()
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{value!r} is not a list of strings")
+            value = tuple(value)
+            if name == "serial":
+                for spec in value:
+                    parse_serial_spec(spec)
+            return value
         if t is bool:
             if isinstance(value, str):
                 low = value.strip().lower()
@@ -256,3 +286,40 @@ def socket_path(settings: Settings, env: Mapping[str, str] | None = None) -> Pat
     if settings.socket == "auto":
         return default_socket_path(env)
     return Path(settings.socket)
+
+
+# ---- serial line specifications -----------------------------------------------
+
+SERIAL_MODES = ("terminal", "lines")
+
+
+@dataclass(frozen=True, slots=True)
+class SerialSpec:
+    device: str
+    baud: int = 115200
+    name: str = ""
+    mode: str = "terminal"
+
+
+def parse_serial_spec(spec: str) -> SerialSpec:
+    """'DEVICE[,baud=N][,name=NAME][,mode=terminal|lines]' (raises ValueError)."""
+    device, *options = spec.split(",")
+    if not device:
+        raise ValueError(f"{spec!r}: no device")
+    values: dict[str, Any] = {}
+    for option in options:
+        key, eq, value = option.partition("=")
+        if not eq or key not in ("baud", "name", "mode"):
+            raise ValueError(f"{spec!r}: {option!r} is not baud=N, name=NAME or mode=MODE")
+        values[key] = value
+    baud = values.get("baud", "115200")
+    if not baud.isdigit() or not 50 <= int(baud) <= 4_000_000:
+        raise ValueError(f"{spec!r}: baud must be a number such as 9600 or 115200")
+    name = values.get("name") or Path(device).name
+    problem = name_problem(name)
+    if problem is not None:
+        raise ValueError(f"{spec!r}: name {name!r}: {problem}")
+    mode = values.get("mode", "terminal")
+    if mode not in SERIAL_MODES:
+        raise ValueError(f"{spec!r}: mode must be terminal or lines")
+    return SerialSpec(device, int(baud), name, mode)

@@ -93,6 +93,8 @@ class Peer:
         "logged",
         "session",
         "replay_next",
+        "limit",
+        "dropped",
     )
 
     def __init__(self, cid: int, address: str, max_line: int) -> None:
@@ -106,6 +108,8 @@ class Peer:
         self.logged = False  # its arrival as a member was logged
         self.session: str | None = None  # its session token (structured members)
         self.replay_next: int | None = None  # next history seq to replay, None: live
+        self.limit: int | None = None  # drop the oldest lines beyond this (serial lines)
+        self.dropped = 0  # lines dropped that way, not yet reported
 
 
 class Hub:
@@ -151,13 +155,29 @@ class Hub:
         log.debug("%s: connection from %s", name, address)
         return name
 
-    def open_console(self, cid: int, name: str) -> None:
-        """The server's own terminal joins as a plain member, unannounced."""
-        peer = Peer(cid, "console", self.max_line)
+    def open_local(
+        self, cid: int, name: str, address: str, announce: bool = True, limit: int | None = None
+    ) -> None:
+        """A participant of the server's own (the console, a serial line) joins
+        under its fixed name, as a plain member. With ``limit``, its output
+        queue drops its oldest lines beyond ``limit`` bytes instead of dropping
+        the participant: a serial line cannot reconnect and resume."""
+        peer = Peer(cid, address, self.max_line)
         peer.proto.state = State.PLAIN  # its lines are never a hello
         peer.logged = True
+        peer.limit = limit
         self.peers[cid] = peer
-        self.room.join(cid, name, announce=False)
+        self.room.join(cid, name, announce=announce)
+        if announce:
+            log.info("%s joined from %s", name, address)
+
+    def take_dropped(self, cid: int) -> int:
+        """Lines dropped from a limited queue since the last call."""
+        peer = self.peers.get(cid)
+        if peer is None:
+            return 0
+        dropped, peer.dropped = peer.dropped, 0
+        return dropped
 
     def receive(
         self, cid: int, data: bytes, now: float, limit: int | None = None, budget: int | None = None
@@ -474,6 +494,15 @@ class Hub:
         if leave:
             self._leave(peer, "too slow")
 
+    @staticmethod
+    def _drop_oldest(peer: Peer, excess: int) -> None:
+        """Make room in a limited queue by dropping whole lines from its front."""
+        out = peer.out
+        cut = out.find(b"\n", excess - 1)
+        cut = len(out) if cut < 0 else cut + 1
+        peer.dropped += out.count(b"\n", 0, cut)
+        del out[:cut]
+
     def _doom(self, peer: Peer, reason: str) -> None:
         """Close ``peer`` now; the I/O layer collects it from take_doomed()."""
         peer.doomed = True
@@ -547,7 +576,9 @@ class Hub:
     def _queue(self, peer: Peer, data: bytes, leave: bool = True) -> bool:
         if peer.doomed:
             return True
-        if len(peer.out) + len(data) > 2 * self.max_queue:
+        if peer.limit is not None and len(peer.out) + len(data) > peer.limit:
+            self._drop_oldest(peer, len(peer.out) + len(data) - peer.limit)
+        elif len(peer.out) + len(data) > 2 * self.max_queue:
             # Even before its next send, this much waiting means the reader
             # is far behind: holding more would let memory grow without bound.
             self._too_slow(peer, leave)

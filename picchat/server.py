@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from . import __version__, logs
-from .config import ConfigError, Settings, socket_path
+from .config import ConfigError, Settings, parse_serial_spec, socket_path
 from .endpoints import console
 from .endpoints.fifo import FifoReader
 from .endpoints.listeners import (
@@ -32,6 +32,7 @@ from .endpoints.listeners import (
     tcp_address,
     unix_peer,
 )
+from .endpoints.serial import SerialBridge
 from .hub import Hub
 from .loop import Loop, Timer
 from .room import CONSOLE_NAME
@@ -64,7 +65,8 @@ class Server:
             log_chat=settings.log_chat,
             max_sessions=settings.sessions,
             dedupe_window=settings.dedupe_window,
-            reserved_names=(settings.fifo_name,) if settings.fifo else (),
+            reserved_names=((settings.fifo_name,) if settings.fifo else ())
+            + tuple(parse_serial_spec(spec).name for spec in settings.serial),
         )
         self._writer = writer
         self._socks: dict[int, socket.socket] = {}  # cid -> socket
@@ -73,6 +75,7 @@ class Server:
         self._unix_ino: tuple[int, int] | None = None
         self._fifo: FifoReader | None = None
         self._console: console.Console | None = None
+        self._serial: dict[int, SerialBridge] = {}  # cid -> bridge (kept across reopens)
         self._paused: set[int] = set()  # connections whose input waits for a later turn
         self._ended: set[int] = set()  # connections whose peer closed its end
         self._next_cid = 1
@@ -104,6 +107,24 @@ class Server:
             if s.fifo:
                 self._fifo = FifoReader(Path(s.fifo), self.loop, self._fifo_line, s.max_line)
                 self.addresses.append(f"FIFO {s.fifo}")
+            for text in s.serial:
+                spec = parse_serial_spec(text)
+                bridge = SerialBridge(
+                    spec,
+                    self.loop,
+                    retry=s.serial_retry,
+                    force=s.serial_force,
+                    max_line=s.max_line,
+                    on_open=self._serial_open,
+                    on_line=self._serial_line,
+                    on_close=self._serial_close,
+                    on_drained=self._serial_output,
+                )
+                bridge.check()
+                bridge.cid = self._next_cid
+                self._next_cid += 1
+                self._serial[bridge.cid] = bridge
+                self.addresses.append(f"serial {spec.device}")
         except BaseException:
             self.close()
             raise
@@ -112,12 +133,14 @@ class Server:
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(signum, self.stop)
         if console.wanted(s.console):
-            self.hub.open_console(CONSOLE_CID, CONSOLE_NAME)
+            self.hub.open_local(CONSOLE_CID, CONSOLE_NAME, "console", announce=False)
             self._console = console.Console(self.loop, CONSOLE_NAME, self._console_line, self.stop)
             logs.divert(self._console.show)
         log.info(
             "Server is running and waiting for connections on %s", " and ".join(self.addresses)
         )
+        for bridge in self._serial.values():
+            bridge.start()
 
     def run(self) -> None:
         try:
@@ -162,6 +185,9 @@ class Server:
         if self._fifo is not None:
             self._fifo.close()
             self._fifo = None
+        for bridge in self._serial.values():
+            bridge.close()
+        self._serial.clear()
         if self._writer is not None:
             self.loop.forget(self._writer.fd)
             self._writer.on_blocked = None
@@ -313,6 +339,38 @@ class Server:
             if not self._console.editor.prompt.startswith(f"You ({name})"):
                 self._console.set_name(name)
 
+    # ---- serial lines ---------------------------------------------------------------
+
+    def _serial_open(self, bridge: SerialBridge) -> None:
+        self.hub.open_local(
+            bridge.cid,
+            bridge.name,
+            f"serial {bridge.spec.device}",
+            limit=self.settings.serial_queue,
+        )
+        self._after_hub()
+
+    def _serial_line(self, bridge: SerialBridge, line: bytes) -> None:
+        self.hub.receive(bridge.cid, line + b"\n", time.time())
+        self._after_hub()
+
+    def _serial_close(self, bridge: SerialBridge, reason: str) -> None:
+        self.hub.gone(bridge.cid, reason)
+        self._after_hub()
+
+    def _serial_output(self, bridge: SerialBridge) -> None:
+        """Hand the bridge the chat lines waiting for it, once it has written
+        what it had (the hub's queue for it drops the oldest when too full)."""
+        if not bridge.wants_output or bridge.cid not in self.hub.peers:
+            return
+        out = self.hub.output(bridge.cid)
+        dropped = self.hub.take_dropped(bridge.cid)
+        if not out and not dropped:
+            return
+        lines = out.decode("utf-8", "replace").splitlines()
+        out.clear()
+        bridge.show(lines, dropped)
+
     def _fifo_line(self, line: bytes) -> None:
         text = clean_bytes(line).strip()
         if text:
@@ -347,6 +405,8 @@ class Server:
         for cid in self.hub.take_dirty():
             if cid in self._socks:
                 self._flush(cid)
+            elif cid in self._serial:
+                self._serial_output(self._serial[cid])
             elif cid == CONSOLE_CID and self._console is not None:
                 out = self.hub.output(cid)
                 self._console.deliver(bytes(out))
