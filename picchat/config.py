@@ -262,6 +262,14 @@ def check(settings: Settings) -> None:
     problem = name_problem(settings.fifo_name)
     if problem is not None:
         raise ConfigError(f"fifo-name {settings.fifo_name!r}: {problem}")
+    taken = {settings.fifo_name.casefold()} if settings.fifo else set()
+    for text in settings.serial:
+        spec = parse_serial_spec(text)
+        if spec.name.casefold() in taken:
+            raise ConfigError(
+                f"serial {text!r}: the name {spec.name} is used twice; give each one name=NAME"
+            )
+        taken.add(spec.name.casefold())
 
 
 # ---- the local socket's default path ---------------------------------------

@@ -309,3 +309,16 @@ def test_fifo_name_must_be_a_valid_name(name):
 def test_timers_have_an_upper_bound(setting, value):
     with pytest.raises(ConfigError, match="above"):
         load(cli={setting: value}, env={})
+
+
+def test_every_setting_is_documented_in_the_operations_guide():
+    guide = (Path(__file__).parents[2] / "docs" / "operations.md").read_text()
+    for name in SETTINGS:
+        assert f"| `{name.replace('_', '-')}` |" in guide, name
+
+
+def test_serial_names_must_be_distinct():
+    with pytest.raises(ConfigError, match="twice"):
+        load(cli={"serial": ["/dev/ttyUSB0", "/dev/x/ttyUSB0"]}, env={})
+    settings = load(cli={"serial": ["/dev/ttyUSB0", "/dev/x/ttyUSB0,name=other"]}, env={})
+    assert len(settings.serial) == 2
