@@ -95,7 +95,7 @@ def server_main(argv: list[str] | None = None) -> int:
         return EX_CONFIG
     writer = logs.setup(settings.log_level, settings.log_buffer)
     try:
-        serve(settings, writer)
+        serve(settings, writer, reload=lambda: load(cli=args, config_path=config_path))
     except ConfigError as exc:
         logging.getLogger("picchat").error("Configuration error: %s", exc)
         return EX_CONFIG

@@ -171,6 +171,24 @@ class Hub:
         if announce:
             log.info("%s joined from %s", name, address)
 
+    def reconfigure(
+        self,
+        *,
+        max_queue: int,
+        history_limit: int,
+        log_chat: bool,
+        max_sessions: int,
+        dedupe_window: int,
+        reserved_names: tuple[str, ...],
+    ) -> None:
+        """New limits from a reload; connections stay."""
+        self.max_queue = max_queue
+        self.log_chat = log_chat
+        self.max_sessions = max_sessions
+        self.dedupe_window = dedupe_window
+        self.room.set_history_limit(history_limit)
+        self.room.reserved = {n.casefold() for n in reserved_names}
+
     def take_dropped(self, cid: int) -> int:
         """Lines dropped from a limited queue since the last call."""
         peer = self.peers.get(cid)

@@ -18,10 +18,13 @@ import os
 import secrets
 import signal
 import socket
+import stat
 import time
+from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 
-from . import __version__, logs
+from . import __version__, logs, systemd
 from .config import ConfigError, Settings, parse_serial_spec, socket_path
 from .endpoints import console
 from .endpoints.fifo import FifoReader
@@ -48,14 +51,33 @@ LINES_PER_TURN = 100
 BYTES_PER_TURN = 16384
 ACCEPT_BATCH = 64  # connections accepted per readiness event, so reads go on
 EMFILE_PAUSE = 1.0  # seconds without accepting after running out of fds
+# Settings a reload (SIGHUP) applies to a running server; the others need a restart.
+LIVE_SETTINGS = (
+    "fifo_name",
+    "max_queue",
+    "history",
+    "max_clients",
+    "sessions",
+    "dedupe_window",
+    "presence_interval",
+    "shutdown_timeout",
+    "log_level",
+    "log_chat",
+)
 CONSOLE_CID = 0  # the hub's id for the server's own terminal (sockets start at 1)
 
 
 class Server:
     def __init__(
-        self, settings: Settings, loop: Loop | None = None, writer: logs.StderrWriter | None = None
+        self,
+        settings: Settings,
+        loop: Loop | None = None,
+        writer: logs.StderrWriter | None = None,
+        reload: Callable[[], Settings] | None = None,
     ) -> None:
         self.settings = settings
+        self._reload = reload  # reads the settings anew, for SIGHUP
+        self.notifier = systemd.Notifier()
         self.loop = loop or Loop()
         self.hub = Hub(
             history_id=secrets.token_hex(8),
@@ -93,20 +115,11 @@ class Server:
         if not s.host and socket_path(s) is None and not s.fifo:
             raise ConfigError("nothing to listen on: set host, socket or fifo")
         try:
-            if s.host:
-                sock = open_tcp(s.host, s.port)
-                self._add_listener(sock, True)
-                self.addresses.append(tcp_address(sock))
-            path = socket_path(s)
-            if path is not None:
-                sock = open_unix(path)
-                st = os.stat(path)
-                self._unix_path, self._unix_ino = path, (st.st_dev, st.st_ino)
-                self._add_listener(sock, False)
-                self.addresses.append(str(path))
-            if s.fifo:
-                self._fifo = FifoReader(Path(s.fifo), self.loop, self._fifo_line, s.max_line)
-                self.addresses.append(f"FIFO {s.fifo}")
+            passed = systemd.listen_fds()
+            if passed:
+                self._adopt(passed)
+            else:
+                self._open_listeners()
             for text in s.serial:
                 spec = parse_serial_spec(text)
                 bridge = SerialBridge(
@@ -132,6 +145,8 @@ class Server:
             self._writer.on_blocked = self._log_blocked
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(signum, self.stop)
+        if self._reload is not None:
+            self.loop.add_signal_handler(signal.SIGHUP, self.reload)
         if console.wanted(s.console):
             self.hub.open_local(CONSOLE_CID, CONSOLE_NAME, "console", announce=False)
             self._console = console.Console(self.loop, CONSOLE_NAME, self._console_line, self.stop)
@@ -141,6 +156,96 @@ class Server:
         )
         for bridge in self._serial.values():
             bridge.start()
+        # Every listener is open: systemd may start what depends on us.
+        self.notifier.ready(self._status())
+        interval = systemd.watchdog_interval()
+        if interval is not None:
+            self._watchdog(interval)
+
+    def _status(self) -> str:
+        n, m = self.hub.members, self.hub.messages
+        return f"{n} client{'s' if n != 1 else ''}, {m} message{'s' if m != 1 else ''}"
+
+    def _watchdog(self, interval: float) -> None:
+        # The only wake-up of an idle loop, and only under a systemd watchdog:
+        # a loop that stops turning stops pinging, and systemd restarts us.
+        self.notifier.watchdog()
+        self.loop.call_later(interval, lambda: self._watchdog(interval))
+
+    def reload(self) -> None:
+        """SIGHUP: read the settings again; apply what can change live."""
+        assert self._reload is not None
+        self.notifier.reloading()
+        try:
+            new = self._reload()
+        except ConfigError as exc:
+            log.error("Reload failed, keeping the running settings: %s", exc)
+            self.notifier.ready(self._status())
+            return
+        old = self.settings
+        changed = [f for f in LIVE_SETTINGS if getattr(new, f) != getattr(old, f)]
+        later = [
+            f.name.replace("_", "-")
+            for f in fields(new)
+            if f.name not in LIVE_SETTINGS and getattr(new, f.name) != getattr(old, f.name)
+        ]
+        self.settings = old.replace(**{f: getattr(new, f) for f in changed})
+        s = self.settings
+        self.hub.reconfigure(
+            max_queue=s.max_queue,
+            history_limit=s.history,
+            log_chat=s.log_chat,
+            max_sessions=s.sessions,
+            dedupe_window=s.dedupe_window,
+            reserved_names=((s.fifo_name,) if s.fifo else ())
+            + tuple(parse_serial_spec(spec).name for spec in s.serial),
+        )
+        logs.set_level(s.log_level)
+        if changed:
+            log.info("Reloaded: %s changed", ", ".join(f.replace("_", "-") for f in changed))
+        else:
+            log.info("Reloaded: no setting that can change while running has changed")
+        if later:
+            log.warning("These changed settings need a restart: %s", ", ".join(later))
+        self.notifier.ready(self._status())
+
+    def _open_listeners(self) -> None:
+        s = self.settings
+        if s.host:
+            sock = open_tcp(s.host, s.port)
+            self._add_listener(sock, True)
+            self.addresses.append(tcp_address(sock))
+        path = socket_path(s)
+        if path is not None:
+            sock = open_unix(path)
+            st = os.stat(path)
+            self._unix_path, self._unix_ino = path, (st.st_dev, st.st_ino)
+            self._add_listener(sock, False)
+            self.addresses.append(str(path))
+        if s.fifo:
+            self._fifo = FifoReader(Path(s.fifo), self.loop, self._fifo_line, s.max_line)
+            self.addresses.append(f"FIFO {s.fifo}")
+
+    def _adopt(self, passed: list[tuple[int, str]]) -> None:
+        """Serve on what systemd opened for us (socket activation). Each fd is
+        matched by its FileDescriptorName= ("tcp", "unix", "fifo"), else by kind."""
+        for fd, name in passed:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISFIFO(mode) or name == "fifo":
+                path = Path(self.settings.fifo or os.readlink(f"/proc/self/fd/{fd}"))
+                self._fifo = FifoReader(
+                    path, self.loop, self._fifo_line, self.settings.max_line, fd
+                )
+                self.addresses.append(f"FIFO {path} (from systemd)")
+                continue
+            sock = socket.socket(fileno=fd)
+            sock.setblocking(False)
+            if sock.family == socket.AF_UNIX or name == "unix":
+                self._add_listener(sock, False)
+                self.addresses.append(f"{sock.getsockname()} (from systemd)")
+            else:
+                self._add_listener(sock, True)
+                self.addresses.append(f"{tcp_address(sock)} (from systemd)")
 
     def run(self) -> None:
         try:
@@ -155,6 +260,7 @@ class Server:
             self._finish()
             return
         self._stopping = True
+        self.notifier.stopping()
         log.info("Shutting down: telling %d connections", len(self._socks))
         self._close_listeners()
         self.hub.shutdown("Server is shutting down. Bye!")
@@ -402,6 +508,7 @@ class Server:
 
     def _flush_dirty(self) -> None:
         self._flush_scheduled = False
+        self.notifier.status(self._status())  # sent only when it changed
         for cid in self.hub.take_dirty():
             if cid in self._socks:
                 self._flush(cid)
@@ -485,9 +592,13 @@ class Server:
         self.loop.add_writer(writer.fd, writable)
 
 
-def serve(settings: Settings, writer: logs.StderrWriter | None = None) -> None:
+def serve(
+    settings: Settings,
+    writer: logs.StderrWriter | None = None,
+    reload: Callable[[], Settings] | None = None,
+) -> None:
     """Start and run a server until it is stopped (raises StartupError)."""
     log.debug("picchat %s starting", __version__)
-    server = Server(settings, writer=writer)
+    server = Server(settings, writer=writer, reload=reload)
     server.start()
     server.run()

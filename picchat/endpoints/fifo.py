@@ -35,14 +35,26 @@ FIFO_MODE = 0o620
 
 class FifoReader:
     def __init__(
-        self, path: Path, loop: Loop, on_line: Callable[[bytes], None], max_line: int
+        self,
+        path: Path,
+        loop: Loop,
+        on_line: Callable[[bytes], None],
+        max_line: int,
+        fd: int | None = None,
     ) -> None:
+        """Open (or create) the FIFO at ``path``; or read ``fd``, a FIFO that
+        systemd opened for us (ListenFIFO=)."""
         self.path = path
         self._loop = loop
         self._on_line = on_line
         self._reader = LineReader(max_line)
         self._rfd = -1
-        self._open()
+        if fd is None:
+            self._open()
+        else:
+            os.set_blocking(fd, False)
+            self._rfd = fd
+            self._loop.add_reader(fd, self._readable)
 
     def _open(self) -> None:
         path = self.path
@@ -63,11 +75,17 @@ class FifoReader:
                 )
         self._open_read_end()
 
-    def _open_read_end(self) -> None:
+    def _open_read_end(self, again: int = -1) -> None:
+        # Reopening: through /proc/self/fd of the old read end, which works
+        # for a FIFO systemd opened too (its path may not be ours to know).
+        path = f"/proc/self/fd/{again}" if again >= 0 else self.path
         try:
-            self._rfd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as exc:
-            raise StartupError(f"cannot open the FIFO {self.path}: {exc.strerror}") from None
+            self._rfd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            try:
+                self._rfd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as exc:
+                raise StartupError(f"cannot open the FIFO {self.path}: {exc.strerror}") from None
         self._loop.add_reader(self._rfd, self._readable)
 
     def _readable(self) -> None:
@@ -83,7 +101,7 @@ class FifoReader:
             old = self._rfd
             self._loop.forget(old)
             try:
-                self._open_read_end()
+                self._open_read_end(again=old)
             except StartupError as exc:
                 self._rfd = -1
                 log.error("%s; no longer reading the FIFO", exc)
