@@ -18,11 +18,10 @@ import signal
 import socket
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from . import __version__
 from .client_session import ClientSession, Closing, NameChanged, Output, Show
-from .config import default_socket_path
+from .config import client_socket_paths
 from .editor import Editor, Line, QuitRequest
 from .endpoints.listeners import set_keepalive
 from .exits import EX_NOPERM, EX_OK, EX_PROTOCOL
@@ -56,8 +55,15 @@ def choose_target(socket_path: str | None, host: str | None, port: int | None) -
     """--host/--port force TCP; else the local socket if it exists; else TCP."""
     if host is not None or port is not None:
         return Target(None, host or DEFAULT_HOST, port or DEFAULT_PORT)
-    path = Path(socket_path) if socket_path else default_socket_path()
-    if socket_path or path.exists():
+    if socket_path:
+        return Target(socket_path)
+    for path in client_socket_paths():
+        try:
+            os.stat(path)
+        except PermissionError:  # ours to report when connecting (exit 77)
+            return Target(str(path))
+        except OSError:
+            continue
         return Target(str(path))
     return Target()
 

@@ -288,6 +288,17 @@ def default_socket_path(env: Mapping[str, str] | None = None) -> Path:
     return Path(f"/tmp/picchat-{os.getuid()}") / "picchat.sock"
 
 
+SYSTEM_SOCKET = Path("/run/picchat/picchat.sock")  # the systemd service's (RuntimeDirectory=)
+
+
+def client_socket_paths(env: Mapping[str, str] | None = None) -> list[Path]:
+    """Where picchat-send and picchat-client look for a server's socket, in
+    order: the default path of a server run by this user, then the system
+    service's."""
+    own = default_socket_path(env)
+    return [own] if own == SYSTEM_SOCKET else [own, SYSTEM_SOCKET]
+
+
 def socket_path(settings: Settings, env: Mapping[str, str] | None = None) -> Path | None:
     if settings.socket == "off":
         return None

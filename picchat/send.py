@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from . import __version__
-from .config import default_socket_path
+from .config import client_socket_paths
 from .exits import EX_DATAERR, EX_NOPERM, EX_PROTOCOL, EX_TEMPFAIL, EX_UNAVAILABLE
 from .protocol import ClientConnection, ProtocolError, encode_hello, encode_request
 from .room import NAME_MAX
@@ -65,8 +65,11 @@ def _connect_once(
     tcp_only = host is not None or port is not None
     tried = []
     if not tcp_only:
-        path = Path(socket_path) if socket_path else default_socket_path()
-        if socket_path or _path_exists(path):
+        if socket_path:
+            path: Path | None = Path(socket_path)
+        else:
+            path = next((p for p in client_socket_paths() if _path_exists(p)), None)
+        if path is not None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(timeout)
             try:

@@ -322,3 +322,14 @@ def test_serial_names_must_be_distinct():
         load(cli={"serial": ["/dev/ttyUSB0", "/dev/x/ttyUSB0"]}, env={})
     settings = load(cli={"serial": ["/dev/ttyUSB0", "/dev/x/ttyUSB0,name=other"]}, env={})
     assert len(settings.serial) == 2
+
+
+def test_the_example_config_has_every_setting_with_its_default(tmp_path):
+    import re
+
+    example = (Path(__file__).parents[2] / "deploy" / "picchat.toml").read_text()
+    keys = re.findall(r"^#([a-z-]+) = ", example, re.M)
+    assert sorted(keys) == sorted(name.replace("_", "-") for name in SETTINGS)
+    # Uncommented, it is valid TOML that gives exactly the defaults.
+    active = re.sub(r"^#([a-z-]+ = )", r"\1", example, flags=re.M)
+    assert load(env={}, config_path=write(tmp_path, active)) == Settings()
