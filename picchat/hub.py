@@ -95,6 +95,7 @@ class Peer:
         "replay_next",
         "limit",
         "dropped",
+        "way",
     )
 
     def __init__(self, cid: int, address: str, max_line: int) -> None:
@@ -110,6 +111,7 @@ class Peer:
         self.replay_next: int | None = None  # next history seq to replay, None: live
         self.limit: int | None = None  # drop the oldest lines beyond this (serial lines)
         self.dropped = 0  # lines dropped that way, not yet reported
+        self.way = "tcp"  # how it came in: tcp, unix, console, serial (for the log)
 
 
 class Hub:
@@ -144,9 +146,11 @@ class Hub:
 
     # ---- what the I/O layer reports ----------------------------------------
 
-    def open(self, cid: int, address: str) -> str:
-        """A connection was accepted: it joins as a guest and is greeted."""
+    def open(self, cid: int, address: str, way: str = "tcp") -> str:
+        """A connection was accepted: it joins as a guest and is greeted.
+        ``way`` is how it came in (tcp, unix), for the log."""
         peer = Peer(cid, address, self.max_line)
+        peer.way = way
         self.peers[cid] = peer
         name = self.room.join(cid)
         self._send(peer, self._welcome(name))
@@ -163,6 +167,7 @@ class Hub:
         queue drops its oldest lines beyond ``limit`` bytes instead of dropping
         the participant: a serial line cannot reconnect and resume."""
         peer = Peer(cid, address, self.max_line)
+        peer.way = address.split()[0]  # "console", "serial"
         peer.proto.state = State.PLAIN  # its lines are never a hello
         peer.logged = True
         peer.limit = limit
@@ -232,7 +237,7 @@ class Hub:
 
     def post(self, sender: str, text: str, now: float) -> None:
         """A message from a non-member source (the FIFO)."""
-        self._post(sender, text, now, exclude=None)
+        self._post(sender, text, now, exclude=None, way="fifo")
 
     def gone(self, cid: int, reason: str) -> None:
         """The I/O layer closed or lost the connection."""
@@ -321,10 +326,12 @@ class Hub:
                     self._send(peer, Ack(id_, session.acked[id_]))
                     return
                 if peer.sender is not None:
-                    msg = self._post(peer.sender, text, now, exclude=None)
+                    msg = self._post(peer.sender, text, now, exclude=None, way=peer.way)
                 else:
                     name = self.room.name_of(cid)
-                    msg = self._post(name, text, now, exclude=cid, origin=peer.session or "")
+                    msg = self._post(
+                        name, text, now, exclude=cid, origin=peer.session or "", way=peer.way
+                    )
                 if id_ is not None and peer.proto.wire is Wire.JSON:
                     self._send(peer, Ack(id_, msg.seq))
                     if session is not None:
@@ -551,11 +558,22 @@ class Hub:
         else:  # its arrival was never logged: say both at once
             log.info("%s connected from %s and left without a word: %s", name, peer.address, how)
 
-    def _post(self, sender: str, text: str, now: float, exclude: int | None, origin: str = ""):
+    def _post(
+        self,
+        sender: str,
+        text: str,
+        now: float,
+        exclude: int | None,
+        origin: str = "",
+        way: str = "",
+    ):
         msg, out = self.room.post(sender, text, now, exclude, origin)
         self.messages += 1
         if self.log_chat:
-            chat_log.info("%s: %s", sender, text)
+            # The fields go to the journal as PICCHAT_SENDER= and so on
+            # (journalctl -u picchat-server PICCHAT_SENDER=alice).
+            fields = {"SENDER": sender, "SEQ": str(msg.seq), "ORIGIN": way}
+            chat_log.info("%s: %s", sender, text, extra={"journal_fields": fields})
         self._deliver_all(out)
         return msg
 

@@ -5,6 +5,10 @@
   timestamp of ours: the journal records one.
 - Otherwise lines read ``2026-11-25 12:00:00 INFO message``.
 
+Chat lines carry structured fields (PICCHAT_SENDER, PICCHAT_SEQ,
+PICCHAT_ORIGIN); under systemd they go to journald's native socket so that
+``journalctl PICCHAT_SENDER=alice`` finds them, falling back to stderr.
+
 Writing never blocks the loop: output goes through a bounded buffer to a
 non-blocking file description. While stderr is not writable (a stalled
 journal, a paused terminal, a full pipe) lines wait in the buffer; beyond
@@ -122,6 +126,49 @@ class StderrWriter:
         self.fd = -1
 
 
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+
+
+def journal_datagram(fields: Mapping[str, str]) -> bytes:
+    """journald's native protocol: ``KEY=value`` lines; a value with a newline
+    is sent as KEY, newline, its length (64-bit little-endian), the value."""
+    out = bytearray()
+    for key, value in fields.items():
+        data = value.encode("utf-8", "replace")
+        if b"\n" in data:
+            out += key.encode() + b"\n" + len(data).to_bytes(8, "little") + data + b"\n"
+        else:
+            out += key.encode() + b"=" + data + b"\n"
+    return bytes(out)
+
+
+class JournalNative:
+    """Sends records with structured fields straight to journald."""
+
+    def __init__(self, path: str = JOURNAL_SOCKET, identifier: str = "picchat-server") -> None:
+        self.path = path
+        self.identifier = identifier
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.sock.setblocking(False)
+
+    def send(self, record: logging.LogRecord, message: str, fields: Mapping[str, str]) -> bool:
+        """False if the journal did not take it (the caller falls back to stderr)."""
+        data = {
+            "MESSAGE": message,
+            "PRIORITY": str(SYSLOG_PRIORITY.get(record.levelno, 6)),
+            "SYSLOG_IDENTIFIER": self.identifier,
+        }
+        data.update({f"PICCHAT_{k}": v for k, v in fields.items()})
+        try:
+            self.sock.sendto(journal_datagram(data), self.path)
+        except OSError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class _Formatter(logging.Formatter):
     def __init__(self, journal: bool) -> None:
         super().__init__()
@@ -139,14 +186,21 @@ class _Formatter(logging.Formatter):
 
 
 class WriterHandler(logging.Handler):
-    def __init__(self, writer: StderrWriter, journal: bool) -> None:
+    def __init__(
+        self, writer: StderrWriter, journal: bool, native: JournalNative | None = None
+    ) -> None:
         super().__init__()
         self.writer = writer
+        self.native = native  # for records with journal_fields (chat lines)
         self.divert: Callable[[str], None] | None = None
         self.setFormatter(_Formatter(journal))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
+            fields = getattr(record, "journal_fields", None)
+            if self.native is not None and fields is not None:
+                if self.native.send(record, record.getMessage(), fields):
+                    return
             if self.divert is not None:
                 if record.name != "picchat.chat":  # the console shows chat as chat
                     self.divert(self.format(record))
@@ -167,8 +221,12 @@ def setup(level: str = "info", buffer: int = 65536, fd: int = 2) -> StderrWriter
     if _handler is not None:
         root.removeHandler(_handler)
         _handler.writer.close()
+        if _handler.native is not None:
+            _handler.native.close()
     writer = StderrWriter(fd, buffer)
-    _handler = WriterHandler(writer, journal_stream(fd))
+    journal = journal_stream(fd)
+    native = JournalNative() if journal and os.path.exists(JOURNAL_SOCKET) else None
+    _handler = WriterHandler(writer, journal, native)
     root.addHandler(_handler)
     root.propagate = False
     set_level(level)

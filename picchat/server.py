@@ -197,8 +197,7 @@ class Server:
             log_chat=s.log_chat,
             max_sessions=s.sessions,
             dedupe_window=s.dedupe_window,
-            reserved_names=((s.fifo_name,) if s.fifo else ())
-            + tuple(parse_serial_spec(spec).name for spec in s.serial),
+            reserved_names=self._reserved_names(),
         )
         logs.set_level(s.log_level)
         if changed:
@@ -208,6 +207,12 @@ class Server:
         if later:
             log.warning("These changed settings need a restart: %s", ", ".join(later))
         self.notifier.ready(self._status())
+
+    def _reserved_names(self) -> tuple[str, ...]:
+        """Names no client may take: the FIFO's (ours or systemd's) and the serial lines'."""
+        s = self.settings
+        fifo = (s.fifo_name,) if s.fifo or self._fifo is not None else ()
+        return fifo + tuple(parse_serial_spec(spec).name for spec in s.serial)
 
     def _open_listeners(self) -> None:
         s = self.settings
@@ -237,6 +242,8 @@ class Server:
                     path, self.loop, self._fifo_line, self.settings.max_line, fd
                 )
                 self.addresses.append(f"FIFO {path} (from systemd)")
+                # Reserve its sender name, as --fifo does: nobody may pose as it.
+                self.hub.room.reserved.add(self.settings.fifo_name.casefold())
                 continue
             sock = socket.socket(fileno=fd)
             sock.setblocking(False)
@@ -368,7 +375,7 @@ class Server:
             cid = self._next_cid
             self._next_cid += 1
             self._socks[cid] = sock
-            self.hub.open(cid, address)
+            self.hub.open(cid, address, "tcp" if is_tcp else "unix")
             self.loop.add_reader(sock.fileno(), lambda cid=cid: self._readable(cid))
             self._after_hub()
 
