@@ -5,7 +5,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: run test unit integration lint format bench clean
+.PHONY: run test unit integration lint format bench clean install uninstall
 
 run:
 	$(PYTHON) -m picchat $(ARGS)
@@ -36,3 +36,10 @@ format: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+
+# On the Pi itself, from a checkout (see docs/operations.md).
+install:
+	sudo sh deploy/install.sh
+
+uninstall:
+	sudo sh deploy/install.sh --uninstall
