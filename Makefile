@@ -5,7 +5,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: run test unit integration lint format bench clean install uninstall
+.PHONY: run test unit integration lint format bench clean install uninstall system
 
 run:
 	$(PYTHON) -m picchat $(ARGS)
@@ -43,3 +43,8 @@ install:
 
 uninstall:
 	sudo sh deploy/install.sh --uninstall
+
+# Tests on a booted systemd (Debian in systemd-nspawn; root, debootstrap,
+# systemd-container): install.sh, the units, journald.
+system: $(VENV)/.installed
+	PICCHAT_SYSTEM_TESTS=1 $(VPY) -m pytest tests/system $(PYTEST_ARGS)
