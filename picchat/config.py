@@ -332,7 +332,7 @@ def parse_serial_spec(spec: str) -> SerialSpec:
             raise ValueError(f"{spec!r}: {option!r} is not baud=N, name=NAME or mode=MODE")
         values[key] = value
     baud = values.get("baud", "115200")
-    if not baud.isdigit() or not 50 <= int(baud) <= 4_000_000:
+    if not (baud.isascii() and baud.isdigit()) or not 50 <= int(baud) <= 4_000_000:
         raise ValueError(f"{spec!r}: baud must be a number such as 9600 or 115200")
     name = values.get("name") or Path(device).name
     problem = name_problem(name)

@@ -466,6 +466,8 @@ class Server:
     def _serial_line(self, bridge: SerialBridge, line: bytes) -> None:
         self.hub.receive(bridge.cid, line + b"\n", time.time())
         self._after_hub()
+        if bridge.cid in self.hub.room:  # after /nick, the prompt shows the new name
+            bridge.set_name(self.hub.room.name_of(bridge.cid))
 
     def _serial_close(self, bridge: SerialBridge, reason: str) -> None:
         self.hub.gone(bridge.cid, reason)
@@ -480,7 +482,9 @@ class Server:
         dropped = self.hub.take_dropped(bridge.cid)
         if not out and not dropped:
             return
-        lines = out.decode("utf-8", "replace").splitlines()
+        # Whole lines, each ending in LF: split there only (splitlines() would
+        # also split at U+2028 and the like, making up lines without a sender).
+        lines = out.decode("utf-8", "replace").split("\n")[:-1]
         out.clear()
         bridge.show(lines, dropped)
 

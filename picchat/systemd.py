@@ -87,26 +87,30 @@ class Notifier:
             self._sock = None
 
 
+def _number(text: str) -> int | None:
+    """A non-negative decimal number in ASCII digits, else None. (str.isdigit()
+    alone also accepts "²", on which int() raises.)"""
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
 def watchdog_interval(env: Mapping[str, str] | None = None) -> float | None:
     """Seconds between WATCHDOG=1 pings (half of $WATCHDOG_USEC), or None."""
     env = os.environ if env is None else env
-    usec = env.get("WATCHDOG_USEC", "")
+    usec = _number(env.get("WATCHDOG_USEC", ""))
     pid = env.get("WATCHDOG_PID", "")
-    if not usec.isdigit() or int(usec) == 0:
+    if not usec:
         return None
-    if pid and (not pid.isdigit() or int(pid) != os.getpid()):
+    if pid and _number(pid) != os.getpid():
         return None
-    return int(usec) / 1e6 / 2
+    return usec / 1e6 / 2
 
 
 def listen_fds(env: Mapping[str, str] | None = None) -> list[tuple[int, str]]:
     """The sockets systemd passed us: (fd, name) pairs, or [] if none are ours."""
     env = os.environ if env is None else env
-    pid = env.get("LISTEN_PID", "")
-    count = env.get("LISTEN_FDS", "")
-    if not pid.isdigit() or int(pid) != os.getpid() or not count.isdigit():
+    n = _number(env.get("LISTEN_FDS", ""))
+    if _number(env.get("LISTEN_PID", "")) != os.getpid() or n is None:
         return []
-    n = int(count)
     names = env.get("LISTEN_FDNAMES", "").split(":") if env.get("LISTEN_FDNAMES") else []
     names += ["unknown"] * (n - len(names))
     fds = []

@@ -117,6 +117,14 @@ def _getty_on(tty: str, proc: Path) -> str | None:
     return None
 
 
+def _is_quit(text: str) -> bool:
+    """/quit or /exit, as the plain protocol reads it."""
+    text = text.strip()
+    if not text.startswith("/") or text.startswith("//"):
+        return False
+    return text[1:].partition(" ")[0].lower() in ("quit", "exit")
+
+
 # ---- the bridge ----------------------------------------------------------------
 
 
@@ -216,6 +224,7 @@ class SerialBridge:
         self._on_open(self)
         if self.terminal:
             self.editor.buffer = ""
+            self.editor.prompt = f"You ({self.name}): "  # it rejoins under its own name
             self._write(
                 b"\r\n"
                 + self.editor.show(f"* picchat: you are {self.name}. Type /help for commands.")
@@ -287,7 +296,11 @@ class SerialBridge:
             self._write(echo)
             for ev in events:
                 if isinstance(ev, Line):
-                    if ev.text.strip():
+                    if _is_quit(ev.text):
+                        # /quit would leave the room while the line stays open,
+                        # its input ignored until the device is reopened.
+                        self._write(self.editor.show("* (a serial line stays connected)"))
+                    elif ev.text.strip():
                         self._on_line(self, ev.text.encode())
                 elif isinstance(ev, QuitRequest):
                     # A serial line cannot hang up: say how to leave instead.
@@ -301,6 +314,12 @@ class SerialBridge:
             elif item.strip():
                 # A device's line is always a message, never a command.
                 self._on_line(self, b"/" + item if item.startswith(b"/") else item)
+
+    def set_name(self, name: str) -> None:
+        """Its name in the room (after /nick): the prompt says it."""
+        prompt = f"You ({name}): "
+        if self.terminal and self._fd >= 0 and self.editor.prompt != prompt:
+            self._write(self.editor.set_prompt(prompt))
 
     # ---- output ----------------------------------------------------------------
 

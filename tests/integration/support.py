@@ -7,6 +7,7 @@ line, EOF) and fails with what it saw when the deadline passes.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import re
@@ -781,3 +782,310 @@ class TmuxPane:
                 self.tmux(*args)
             except (AssertionError, subprocess.TimeoutExpired):
                 pass
+
+
+# ---- serial lines: a screen, the far end of a line, a software cable ----------
+
+
+class Screen:
+    """A minimal terminal: enough of one to show what picchat's line editor
+    draws (text wrapped at ``width``, CR, LF, BS, ESC[nA, ESC[J, ESC[H,
+    ESC[2J, ESC[K), so a test can check what a person would see."""
+
+    def __init__(self, width: int = 80) -> None:
+        self.width = width
+        self.rows: list[list[str]] = [[]]
+        self.x = self.y = 0
+        self._wrap_pending = False
+        self._esc: str | None = None  # the escape sequence being read
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def feed(self, data: bytes) -> None:
+        for ch in self._decoder.decode(data):
+            if self._esc is not None:
+                self._escape(ch)
+            elif ch == "\x1b":
+                self._esc = ""
+            elif ch == "\r":
+                self.x, self._wrap_pending = 0, False
+            elif ch == "\n":
+                self._down()
+            elif ch == "\b":
+                self.x, self._wrap_pending = max(0, self.x - 1), False
+            elif ch.isprintable():
+                self._put(ch)
+            # BEL and other controls show nothing
+
+    def _down(self) -> None:
+        self.y += 1
+        while len(self.rows) <= self.y:
+            self.rows.append([])
+        self._wrap_pending = False
+
+    def _put(self, ch: str) -> None:
+        if self._wrap_pending:
+            self.x = 0
+            self._down()
+        row = self.rows[self.y]
+        while len(row) <= self.x:
+            row.append(" ")
+        row[self.x] = ch
+        if self.x == self.width - 1:
+            self._wrap_pending = True
+        else:
+            self.x += 1
+
+    def _escape(self, ch: str) -> None:
+        seq = self._esc + ch
+        if seq == "[" or (seq.startswith("[") and not ("\x40" <= ch <= "\x7e")):
+            self._esc = seq  # a CSI sequence goes on
+            return
+        self._esc = None
+        if not seq.startswith("["):
+            return  # ESC + one character: nothing we draw
+        params, final = seq[1:-1], seq[-1]
+        n = int(params) if params.isdigit() else 0
+        self._wrap_pending = False
+        if final == "A":
+            self.y = max(0, self.y - max(1, n))
+        elif final == "H":
+            self.x = self.y = 0
+        elif final == "K":
+            del self.rows[self.y][self.x :]
+        elif final == "J":
+            if n == 2:
+                self.rows = [[] for _ in self.rows]
+            else:
+                del self.rows[self.y][self.x :]
+                del self.rows[self.y + 1 :]
+
+    def lines(self) -> list[str]:
+        """Every row written so far, trailing blanks and empty last rows removed."""
+        rows = ["".join(r).rstrip() for r in self.rows]
+        while rows and not rows[-1]:
+            rows.pop()
+        return rows
+
+
+class SerialEnd:
+    """The far end of a serial line, played by the test: a pty master (or the
+    other pty of a socat pair), written and read raw, with a ``Screen`` of
+    everything that came back. Every wait has a deadline."""
+
+    def __init__(
+        self, fd: int, label: str = "serial end", width: int = 80, slave: int | None = None
+    ) -> None:
+        self.fd = fd
+        self.label = label
+        self.slave = slave  # the pty's other side, if we hold it: to see what the server read
+        os.set_blocking(fd, False)
+        self.raw = bytearray()
+        self.screen = Screen(width)
+        self.eof = False
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(fd, selectors.EVENT_READ)
+
+    @classmethod
+    def open(cls, path: str | Path, label: str = "serial end", width: int = 80) -> SerialEnd:
+        """Open a tty (a socat pty's link) in raw mode, as a terminal program would."""
+        import termios
+        import tty
+
+        fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        tty.setraw(fd, termios.TCSANOW)  # TCSAFLUSH would throw away what waits
+        return cls(fd, label, width)
+
+    def pump(self, timeout: float) -> bool:
+        """Read what is there (waiting up to ``timeout``); False if nothing came."""
+        if self.eof or not self._sel.select(max(timeout, 0.0)):
+            return False
+        try:
+            data = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return False
+        except OSError:  # EIO: the other side of the pty is gone
+            data = b""
+        if not data:
+            self.eof = True
+            return False
+        self.raw += data
+        self.screen.feed(data)
+        return True
+
+    def mark(self) -> int:
+        """Offset into ``raw`` of what comes next, for ``wait_raw(start=...)``."""
+        return len(self.raw)
+
+    def _fail(self, what: str, timeout: float) -> AssertionError:
+        return AssertionError(
+            f"{self.label}: no {what} within {timeout} s; received (last 1500 bytes):\n"
+            f"{bytes(self.raw[-1500:])!r}\nscreen:\n" + "\n".join(self.screen.lines()[-15:])
+        )
+
+    def wait_raw(
+        self, pattern: bytes, timeout: float = DEFAULT_TIMEOUT, start: int = 0
+    ) -> re.Match[bytes]:
+        """The first match of the regex ``pattern`` in what arrived from ``start`` on."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            m = rx.search(self.raw, start)
+            if m:
+                return m
+            left = deadline - time.monotonic()
+            if left <= 0 or self.eof:
+                raise self._fail(f"bytes matching {pattern!r}", timeout)
+            self.pump(left)
+
+    def wait_screen(self, check, what: str, timeout: float = DEFAULT_TIMEOUT):
+        """Read until ``check(screen lines)`` is truthy; return its value."""
+        deadline = time.monotonic() + timeout
+        while True:
+            result = check(self.screen.lines())
+            if result:
+                return result
+            left = deadline - time.monotonic()
+            if left <= 0 or self.eof:
+                raise self._fail(what, timeout)
+            self.pump(left)
+
+    def wait_bottom(self, *rows: str, timeout: float = DEFAULT_TIMEOUT) -> list[str]:
+        """Wait until the last rows of the screen are exactly ``rows``."""
+        want = list(rows)
+        return self.wait_screen(
+            lambda lines: lines if lines[-len(want) :] == want else None,
+            f"screen ending with {want!r}",
+            timeout,
+        )
+
+    def drain(self, quiet: float = 0.2, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Read until nothing more arrives for ``quiet`` s (fails after ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while self.pump(quiet):
+            if time.monotonic() > deadline:
+                raise self._fail(f"pause of {quiet} s in the output", timeout)
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        deadline = time.monotonic() + DEFAULT_TIMEOUT
+        while view:
+            try:
+                n = os.write(self.fd, view)
+            except BlockingIOError:
+                n = 0
+            view = view[n:]
+            if view:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{self.label}: cannot write to the line")
+                time.sleep(0.01)
+
+    def unread(self) -> int:
+        """Bytes written to the line that the server has not read yet (needs ``slave``)."""
+        import fcntl
+        import termios
+
+        assert self.slave is not None
+        buf = fcntl.ioctl(self.slave, termios.FIONREAD, b"\0\0\0\0")
+        return int.from_bytes(buf, sys.byteorder)
+
+    def type(self, keys: bytes, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Press keys one byte at a time (as a person types at 115200 baud: every
+        byte arrives as a read of its own). After a byte that completes a
+        character, wait for its echo; inside a UTF-8 sequence (no echo yet),
+        wait until the server has read the byte, if we can see that."""
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        for i in range(len(keys)):
+            key = keys[i : i + 1]
+            mark = self.mark()
+            self.write(key)
+            deadline = time.monotonic() + timeout
+            if not decoder.decode(key):
+                while self.slave is not None and self.unread():
+                    if time.monotonic() > deadline:
+                        raise self._fail(f"read of {key!r} by the server", timeout)
+                    time.sleep(0.005)
+                continue
+            while self.mark() == mark:
+                if time.monotonic() > deadline or self.eof:
+                    raise self._fail(f"echo of {key!r}", timeout)
+                self.pump(deadline - time.monotonic())
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self._sel.close()
+            os.close(self.fd)
+            self.fd = -1
+
+
+class SocatPair:
+    """Two ptys joined by socat, with links ``dev`` and ``term``: a serial cable
+    in software. The server opens ``dev``; a terminal program (or the test)
+    opens ``term``. ``stop()`` ends this socat (by its pid): the cable is
+    unplugged and both links go away; ``start()`` plugs a new one in."""
+
+    def __init__(self, dev: Path, term: Path, start: bool = True) -> None:
+        self.dev = dev
+        self.term = term
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.lines: list[str] = []
+        self._thread: threading.Thread | None = None
+        if start:
+            self.start()
+
+    def start(self, timeout: float = DEFAULT_TIMEOUT) -> None:
+        assert self.proc is None, "socat is running already"
+        proc = subprocess.Popen(
+            [
+                "socat",
+                "-d",
+                "-d",
+                f"pty,raw,echo=0,link={self.dev}",
+                f"pty,raw,echo=0,link={self.term}",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        self.proc = proc
+        ready = threading.Event()
+
+        def drain() -> None:
+            assert proc.stderr is not None
+            for raw in proc.stderr:
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                self.lines.append(line)
+                if "starting data transfer loop" in line:
+                    ready.set()
+            ready.set()
+
+        self._thread = threading.Thread(target=drain, daemon=True)
+        self._thread.start()
+        if not ready.wait(timeout) or proc.poll() is not None:
+            raise AssertionError("socat did not start:\n" + "\n".join(self.lines))
+        deadline = time.monotonic() + timeout
+        while not (self.dev.exists() and self.term.exists()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"socat made no links {self.dev}, {self.term}")
+            time.sleep(0.01)
+
+    def stop(self, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """SIGTERM this socat and wait (SIGKILL this pid only if it hangs)."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if proc.stderr is not None:
+            proc.stderr.close()
+        deadline = time.monotonic() + timeout
+        while self.dev.is_symlink() or self.term.is_symlink():  # socat removes its links
+            if time.monotonic() > deadline:
+                raise AssertionError(f"socat left its links {self.dev}, {self.term} behind")
+            time.sleep(0.01)
