@@ -60,6 +60,9 @@ from .protocol import ServerConnection, State, Wire, encode, encode_hello_reply
 from .room import Deliver, Room, name_problem
 
 log = logging.getLogger(__name__)
+# Between info and warning, for what a client did that an operator may want to
+# see but need not act on (journald priority 5; logs.py names it).
+NOTICE = 25
 chat_log = logging.getLogger("picchat.chat")
 
 HELP_TEXT = (
@@ -96,6 +99,7 @@ class Peer:
         "limit",
         "dropped",
         "way",
+        "user",
     )
 
     def __init__(self, cid: int, address: str, max_line: int) -> None:
@@ -112,6 +116,7 @@ class Peer:
         self.limit: int | None = None  # drop the oldest lines beyond this (serial lines)
         self.dropped = 0  # lines dropped that way, not yet reported
         self.way = "tcp"  # how it came in: tcp, unix, console, serial (for the log)
+        self.user: str | None = None  # the local user behind a Unix socket (not root)
 
 
 class Hub:
@@ -146,11 +151,14 @@ class Hub:
 
     # ---- what the I/O layer reports ----------------------------------------
 
-    def open(self, cid: int, address: str, way: str = "tcp") -> str:
+    def open(self, cid: int, address: str, way: str = "tcp", user: str | None = None) -> str:
         """A connection was accepted: it joins as a guest and is greeted.
-        ``way`` is how it came in (tcp, unix), for the log."""
+        ``way`` is how it came in (tcp, unix), for the log; ``user`` the
+        local user behind a Unix socket connection (its sender names must be
+        that user's: USER or USER@something), None if anything goes."""
         peer = Peer(cid, address, self.max_line)
         peer.way = way
+        peer.user = user
         self.peers[cid] = peer
         name = self.room.join(cid)
         self._send(peer, self._welcome(name))
@@ -370,8 +378,14 @@ class Hub:
     def _hello(self, peer: Peer, hello: Hello) -> None:
         cid = peer.cid
         if not hello.member:
-            name = hello.name or "anonymous"
+            name = hello.name or peer.user or "anonymous"
             problem = name_problem(name)
+            if problem is None and peer.user is not None:
+                if name != peer.user and not name.startswith(peer.user + "@"):
+                    problem = (
+                        f"on the local socket, user {peer.user} posts as {peer.user} or "
+                        f"{peer.user}@something, not as {name}"
+                    )
             if problem is not None:
                 self._queue(peer, encode_hello_reply(Error("bad_name", problem)))
                 self._leave(peer)
@@ -514,7 +528,8 @@ class Hub:
         reason = (
             f"too slow: it stopped reading with over {self.max_queue} bytes (max-queue) waiting"
         )
-        log.warning("Disconnecting %s (%s): %s", name, peer.address, reason)
+        # The client's trouble, not the server's: notice, not warning.
+        log.log(NOTICE, "Disconnecting %s (%s): %s", name, peer.address, reason)
         self._doom(peer, reason)
         if leave:
             self._leave(peer, "too slow")

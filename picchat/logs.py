@@ -25,10 +25,13 @@ import stat
 import time
 from collections.abc import Callable, Mapping
 
+NOTICE = 25  # the hub's level for what clients did (journald priority 5)
+logging.addLevelName(NOTICE, "NOTICE")
 SYSLOG_PRIORITY = {
     logging.CRITICAL: 2,
     logging.ERROR: 3,
     logging.WARNING: 4,
+    NOTICE: 5,
     logging.INFO: 6,
     logging.DEBUG: 7,
 }

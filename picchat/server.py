@@ -352,6 +352,7 @@ class Server:
                     continue
                 raise
             sock.setblocking(False)
+            user = None
             if is_tcp:
                 address = (
                     f"{addr[0]}:{addr[1]}"
@@ -361,7 +362,7 @@ class Server:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 set_keepalive(sock, s.keepalive_idle, s.keepalive_interval, s.keepalive_count)
             else:
-                address = unix_peer(sock)
+                address, user = unix_peer(sock)
             if len(self._socks) >= s.max_clients:
                 log.warning(
                     "Refused %s: %d connections already (max-clients)", address, s.max_clients
@@ -375,7 +376,7 @@ class Server:
             cid = self._next_cid
             self._next_cid += 1
             self._socks[cid] = sock
-            self.hub.open(cid, address, "tcp" if is_tcp else "unix")
+            self.hub.open(cid, address, "tcp" if is_tcp else "unix", user)
             self.loop.add_reader(sock.fileno(), lambda cid=cid: self._readable(cid))
             self._after_hub()
 

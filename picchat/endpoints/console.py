@@ -70,7 +70,9 @@ class Console:
 
     def deliver(self, data: bytes) -> None:
         """Plain-format output of the hub for the console: one line each."""
-        for line in data.decode("utf-8", "replace").splitlines():
+        # Split at LF only: splitlines() would also split at U+2028 inside a
+        # message and let its second half pass for a line of its own.
+        for line in data.decode("utf-8", "replace").split("\n")[:-1]:
             self.show(line)
 
     def set_name(self, name: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pwd
 import socket
 import stat
 import struct
@@ -109,14 +110,22 @@ def open_unix(path: Path) -> socket.socket:
     return sock
 
 
-def unix_peer(sock: socket.socket) -> str:
-    """'local uid 1000 pid 4242' from SO_PEERCRED (for the log)."""
+def unix_peer(sock: socket.socket) -> tuple[str, str | None]:
+    """('local uid 1000 pid 4242', 'pi') from SO_PEERCRED: the address for the
+    log, and the user name (None for root, or if the kernel would not say)."""
     try:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid, uid, _ = struct.unpack("3i", creds)
-        return f"local uid {uid} pid {pid}"
     except OSError:
-        return "local"
+        return "local", None
+    pid, uid, _ = struct.unpack("3i", creds)
+    if uid == 0:
+        user = None  # root may post under any name
+    else:
+        try:
+            user = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            user = f"uid{uid}"
+    return f"local uid {uid} pid {pid}", user
 
 
 def set_keepalive(sock: socket.socket, idle: int, interval: int, count: int) -> None:

@@ -78,7 +78,10 @@ def console_conflict(
         try:
             cmdline = (proc / "cmdline").read_text()
         except OSError as exc:
-            return f"cannot read {proc}/cmdline to check for a kernel console ({exc.strerror})"
+            return (
+                f"cannot read {proc}/cmdline to check for a kernel console ({exc.strerror}); "
+                "if you know the port is free, pass --serial-force"
+            )
     for m in re.finditer(r"(?:^|\s)console=([^,\s]+)", cmdline):
         console = m.group(1)
         path = console if console.startswith("/") else f"/dev/{console}"
@@ -97,7 +100,10 @@ def _getty_on(tty: str, proc: Path) -> str | None:
     try:
         pids = [p for p in os.listdir(proc) if p.isdigit()]
     except OSError as exc:
-        return f"cannot list the processes in {proc} to look for a getty ({exc.strerror})"
+        return (
+            f"cannot list the processes in {proc} to look for a getty ({exc.strerror}); "
+            "if you know the port is free, pass --serial-force"
+        )
     seen_others = False
     for pid in pids:
         if pid == str(os.getpid()):
@@ -112,7 +118,7 @@ def _getty_on(tty: str, proc: Path) -> str | None:
     if not seen_others:
         return (
             f"cannot see other processes in {proc} (hidden by hardening?) to check for a "
-            f"getty on {tty}"
+            f"getty on {tty}; if you know the port is free, pass --serial-force"
         )
     return None
 
@@ -234,7 +240,7 @@ class SerialBridge:
         text = str(exc)
         locked = isinstance(exc, OSError) and exc.errno in (errno.EBUSY, errno.EAGAIN)
         if locked or "Could not exclusively lock" in text:
-            text = "it is locked by another program (another picchat?)"
+            text = "another program, perhaps another picchat, holds its lock"
         if not self._missing_logged:
             log.warning(
                 "Cannot open serial device %s (%s); trying again every %g s, "
@@ -306,7 +312,9 @@ class SerialBridge:
                     # A serial line cannot hang up: say how to leave instead.
                     self._write(self.editor.show("* (a serial line stays connected)"))
             return
-        for item in self._reader.feed(data):
+        # Some devices end lines with CR alone: take CR as a line end too (a
+        # CRLF cut between two reads then gives an empty line, which is skipped).
+        for item in self._reader.feed(data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")):
             if item is TOO_LONG:
                 log.warning(
                     "%s sent a line longer than %d bytes; discarded", self.name, self._max_line

@@ -630,7 +630,8 @@ def test_a_second_server_on_the_same_device_is_locked_out(
         start_server, f"{path},name=tty1", "--serial-retry", "0.3", sock=short_tmp / "s2.sock"
     )
     second.wait_for_log(
-        rf"WARNING Cannot open serial device {re.escape(path)} \(it is locked by another program"
+        rf"WARNING Cannot open serial device {re.escape(path)} \(another program, perhaps "
+        r"another picchat, holds its lock"
     )
     other = Client(second.port, "other")  # the second server serves TCP regardless
     clients.append(other)
