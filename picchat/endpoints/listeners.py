@@ -8,6 +8,7 @@ same path); each becomes a ``StartupError`` with one line that says what to do.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import pwd
 import socket
@@ -16,6 +17,8 @@ import struct
 from pathlib import Path
 
 BACKLOG = 512
+IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)  # linux/in.h
+IPV6_FREEBIND = 78  # linux/in6.h
 
 
 class StartupError(Exception):
@@ -35,6 +38,13 @@ def open_tcp(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        if not ipaddress.ip_address(addr[0].split("%")[0]).is_loopback:
+            # At boot the address may not be up yet (Wi-Fi, DHCP): bind anyway,
+            # and serve it once it appears, instead of failing to start.
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
         sock.bind(addr)
         sock.listen(BACKLOG)
     except OSError as exc:
