@@ -101,8 +101,8 @@ class Settings:
     )
     serial: tuple[str, ...] = _opt(
         (),
-        "serial line as a participant: DEVICE[,baud=N][,name=NAME][,mode=terminal|lines] "
-        "(repeatable; baud 115200, name the device's, mode terminal)",
+        "serial line as a participant: DEVICE[,baud=N][,name=NAME][,mode=terminal|lines]"
+        "[,cols=N] (repeatable; baud 115200, name the device's, mode terminal, cols 80)",
     )
     serial_force: bool = _opt(
         False, "open a serial device even if the kernel console or a getty uses it"
@@ -318,18 +318,19 @@ class SerialSpec:
     baud: int = 115200
     name: str = ""
     mode: str = "terminal"
+    cols: int = 80  # the terminal's width: a serial line cannot tell us
 
 
 def parse_serial_spec(spec: str) -> SerialSpec:
-    """'DEVICE[,baud=N][,name=NAME][,mode=terminal|lines]' (raises ValueError)."""
+    """'DEVICE[,baud=N][,name=NAME][,mode=terminal|lines][,cols=N]' (raises ValueError)."""
     device, *options = spec.split(",")
     if not device:
         raise ValueError(f"{spec!r}: no device")
     values: dict[str, Any] = {}
     for option in options:
         key, eq, value = option.partition("=")
-        if not eq or key not in ("baud", "name", "mode"):
-            raise ValueError(f"{spec!r}: {option!r} is not baud=N, name=NAME or mode=MODE")
+        if not eq or key not in ("baud", "name", "mode", "cols"):
+            raise ValueError(f"{spec!r}: {option!r} is not baud=N, name=NAME, mode=MODE or cols=N")
         values[key] = value
     baud = values.get("baud", "115200")
     if not (baud.isascii() and baud.isdigit()) or not 50 <= int(baud) <= 4_000_000:
@@ -341,4 +342,7 @@ def parse_serial_spec(spec: str) -> SerialSpec:
     mode = values.get("mode", "terminal")
     if mode not in SERIAL_MODES:
         raise ValueError(f"{spec!r}: mode must be terminal or lines")
-    return SerialSpec(device, int(baud), name, mode)
+    cols = values.get("cols", "80")
+    if not (cols.isascii() and cols.isdigit()) or not 20 <= int(cols) <= 1000:
+        raise ValueError(f"{spec!r}: cols must be the terminal's width, 20 to 1000")
+    return SerialSpec(device, int(baud), name, mode, int(cols))

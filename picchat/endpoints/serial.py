@@ -169,7 +169,9 @@ class SerialBridge:
         self._missing_logged = False
         self._reader = LineReader(max_line)
         self.cid = -1  # the hub's id for this participant, set by the server
-        self.editor = Editor(f"You ({self.name}): ", 80, max_bytes=max(64, max_line // 2 - 64))
+        self.editor = Editor(
+            f"You ({self.name}): ", spec.cols, max_bytes=max(64, max_line // 2 - 64)
+        )
 
     @property
     def is_open(self) -> bool:

@@ -380,3 +380,13 @@ def test_without_a_limit_a_reader_that_falls_behind_is_dropped():
     for i in range(400):
         hub.receive(2, b"x" * 100 + b"\n", 1000.0 + i)
     assert [cid for cid, _ in hub.take_doomed()] == [1]
+
+
+def test_cols_sets_the_terminal_width():
+    from picchat.config import parse_serial_spec
+
+    assert parse_serial_spec("/dev/ttyUSB0").cols == 80
+    assert parse_serial_spec("/dev/ttyUSB0,cols=132").cols == 132
+    for bad in ("cols=5", "cols=x", "cols=²"):
+        with pytest.raises(ValueError, match="cols"):
+            parse_serial_spec(f"/dev/ttyUSB0,{bad}")
