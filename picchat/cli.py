@@ -112,6 +112,26 @@ def server_main(argv: list[str] | None = None) -> int:
     return EX_OK
 
 
+def add_target_options(p: Parser) -> None:
+    """Where the server is: the same options, and the same rule, for every client."""
+    p.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="the server's Unix socket (default: the server's default path if it exists, "
+        "then /run/picchat/picchat.sock)",
+    )
+    p.add_argument("--host", help="server host (forces TCP; default 127.0.0.1)")
+    p.add_argument("--port", type=port, help="server TCP port (forces TCP; default 1234)")
+
+
+def port(text: str) -> int:
+    """A TCP port number, 1 to 65535 (argparse names it in errors: "invalid port value")."""
+    port = int(text)
+    if not 0 < port < 65536:
+        raise ValueError(text)
+    return port
+
+
 def send_parser() -> Parser:
     p = Parser(
         prog="picchat-send",
@@ -123,9 +143,7 @@ def send_parser() -> Parser:
         "local socket exists but we may not use it.",
     )
     p.add_argument("message", help="the message; '-' sends each line of standard input")
-    p.add_argument("--socket", metavar="PATH", help="the server's Unix socket")
-    p.add_argument("--host", help="server host (forces TCP; default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="server TCP port (forces TCP; default 1234)")
+    add_target_options(p)
     p.add_argument("--name", help="sender name shown to others (default: user@host)")
     p.add_argument(
         "--wait",
@@ -151,9 +169,6 @@ def send_main(argv: list[str] | None = None) -> int:
     args = send_parser().parse_args(argv)
     if args.message != "-" and not args.message.strip():
         print("picchat-send: the message is empty; nothing sent", file=sys.stderr)
-        return EX_USAGE
-    if args.port is not None and not 0 < args.port < 65536:
-        print("picchat-send: --port must be between 1 and 65535", file=sys.stderr)
         return EX_USAGE
     if not args.timeout > 0 or not args.wait >= 0:
         print("picchat-send: --timeout must be above 0 and --wait not below 0", file=sys.stderr)
@@ -188,9 +203,7 @@ def client_parser() -> Parser:
         "Exit codes: 0 quit, 64 usage error, 69 no such socket, 76 protocol error, "
         "77 the local socket exists but we may not use it.",
     )
-    p.add_argument("--socket", metavar="PATH", help="the server's Unix socket")
-    p.add_argument("--host", help="server host (forces TCP; default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="server TCP port (forces TCP; default 1234)")
+    add_target_options(p)
     p.add_argument("--name", help="the name to chat under (default: a guest name)")
     p.add_argument(
         "--retry",
@@ -214,9 +227,6 @@ def client_main(argv: list[str] | None = None) -> int:
     from .client import run_client
 
     args = client_parser().parse_args(argv)
-    if args.port is not None and not 0 < args.port < 65536:
-        print("picchat-client: --port must be between 1 and 65535", file=sys.stderr)
-        return EX_USAGE
     if args.retry <= 0 or args.max_pending < 1:
         print("picchat-client: --retry and --max-pending must be positive", file=sys.stderr)
         return EX_USAGE
