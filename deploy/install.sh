@@ -7,8 +7,8 @@
 #   sudo deploy/install.sh --uninstall [--purge]
 #
 # Idempotent: a second run changes nothing (file times and the service's
-# MainPID stay) and says so. Uninstalling keeps /etc/picchat and the history
-# in /var/lib/picchat unless --purge.
+# MainPID stay) and says so. Uninstalling keeps /etc/picchat and the state
+# directory /var/lib/picchat unless --purge.
 set -eu
 
 PREFIX=/opt/picchat
@@ -95,7 +95,7 @@ if [ "$uninstall" -eq 1 ]; then
         done
         if id "$USER_NAME" >/dev/null 2>&1; then say "removing user $USER_NAME"; run userdel "$USER_NAME"; fi
     else
-        say "kept $CONF_DIR and /var/lib/picchat (history); --purge removes them"
+        say "kept $CONF_DIR and /var/lib/picchat; --purge removes them"
     fi
     [ "$changed" -eq 1 ] || say "nothing to remove"
     exit 0
@@ -172,7 +172,7 @@ if ! systemctl is-active --quiet "$SERVICE" 2>/dev/null; then
     say "starting $SERVICE"
     run systemctl start "$SERVICE"
 elif [ "$code_changed" -eq 1 ] || [ "$units_changed" -eq 1 ]; then
-    say "restarting $SERVICE for the new version (clients reconnect and resume)"
+    say "restarting $SERVICE for the new version (clients reconnect by themselves)"
     run systemctl restart "$SERVICE"
 fi
 

@@ -48,7 +48,8 @@ def server_parser() -> Parser:
     )
     for name, f in SETTINGS.items():
         t = setting_type(name)
-        text = f"{f.metadata['help']} (default: {f.default!r}; env: {env_name(name)})"
+        default = "none" if f.default == () else repr(f.default)
+        text = f"{f.metadata['help']} (default: {default}; env: {env_name(name)})"
         if t is tuple:
             p.add_argument(
                 flag(name),
@@ -91,6 +92,9 @@ def server_main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         # Under systemd, give it the error priority (<3>) so `journalctl -p err` shows it.
         prefix = "<3>" if logs.journal_stream() else ""
+        if exc.usage:
+            print(f"{prefix}picchat-server: error: {exc}", file=sys.stderr)
+            return EX_USAGE
         print(f"{prefix}picchat-server: configuration error: {exc}", file=sys.stderr)
         return EX_CONFIG
     writer = logs.setup(settings.log_level, settings.log_buffer)

@@ -25,7 +25,12 @@ from .room import name_problem
 
 
 class ConfigError(Exception):
-    """A setting has a value we cannot use; exit 78 (EX_CONFIG)."""
+    """A setting has a value we cannot use; exit 78 (EX_CONFIG), or 64
+    (EX_USAGE) when the value came from the command line (``usage``)."""
+
+    def __init__(self, message: str, usage: bool = False) -> None:
+        super().__init__(message)
+        self.usage = usage
 
 
 def _opt(
@@ -177,28 +182,43 @@ def _convert(name: str, value: Any, source: str) -> Any:
         elif t is int:
             if isinstance(value, (bool, float)):
                 raise ValueError(f"{value!r} is not a whole number")
-            value = int(value)
+            try:
+                value = int(value)
+            except ValueError:
+                raise ValueError(f"{value!r} is not a whole number") from None
         elif t is float:
             if isinstance(value, bool):
                 raise ValueError(f"{value!r} is not a number")
-            value = float(value)
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"{value!r} is not a number") from None
             if not math.isfinite(value):  # nan would pass every bound check
                 raise ValueError(f"{value!r} is not a finite number")
         elif not isinstance(value, str):
             raise ValueError(f"{value!r} is not a string")
     except (ValueError, TypeError) as exc:  # TypeError: a TOML table or list
-        raise ConfigError(f"{flag(name)[2:]} from {source}: {exc}") from None
+        raise ConfigError(f"{flag(name)[2:]} from {source}: {exc}", _cli(source)) from None
     if meta["min"] is not None and value < meta["min"]:
-        raise ConfigError(f"{flag(name)[2:]} from {source}: {value} is below {meta['min']}")
+        raise ConfigError(
+            f"{flag(name)[2:]} from {source}: {value} is below {meta['min']}", _cli(source)
+        )
     if meta["max"] is not None and value > meta["max"]:
-        raise ConfigError(f"{flag(name)[2:]} from {source}: {value} is above {meta['max']}")
+        raise ConfigError(
+            f"{flag(name)[2:]} from {source}: {value} is above {meta['max']}", _cli(source)
+        )
     if name == "port" and value > 65535:
-        raise ConfigError(f"port from {source}: {value} is above 65535")
+        raise ConfigError(f"port from {source}: {value} is above 65535", _cli(source))
     if meta["choices"] and value not in meta["choices"]:
         raise ConfigError(
-            f"{flag(name)[2:]} from {source}: {value!r} is not one of {', '.join(meta['choices'])}"
+            f"{flag(name)[2:]} from {source}: {value!r} is not one of {', '.join(meta['choices'])}",
+            _cli(source),
         )
     return value
+
+
+def _cli(source: str) -> bool:
+    return source.startswith("--")
 
 
 def read_config_file(path: str) -> dict[str, Any]:

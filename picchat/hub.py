@@ -465,7 +465,7 @@ class Hub:
                     "new_history",
                     None,
                     "The server's message history has restarted (was the server restarted?): "
-                    "there may be a gap. Here is everything it still has.",
+                    "there may be a gap. Replaying everything it still has, if anything.",
                 ),
             )
             peer.replay_next = room.oldest_seq

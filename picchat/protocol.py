@@ -82,10 +82,13 @@ class ProtocolError(Exception):
 
 
 def _count_text(names: tuple[str, ...], count: int, verb: str) -> str:
-    shown = ", ".join(names)
     if count > len(names):
         others = count - len(names)
-        shown += f" and {others} other{'s' if others != 1 else ''}"
+        shown = ", ".join(names) + f" and {others} other{'s' if others != 1 else ''}"
+    elif len(names) > 1:
+        shown = ", ".join(names[:-1]) + " and " + names[-1]
+    else:
+        shown = names[0] if names else ""
     return f"{shown} {verb}"
 
 

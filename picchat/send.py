@@ -147,6 +147,7 @@ class _Session:
             try:
                 data = self.sock.recv(65536)
             except TimeoutError:
+                self._not_picchat()
                 raise SendError(
                     f"the server at {self.where} did not answer within {self.timeout:g} s",
                     EX_TEMPFAIL,
@@ -156,6 +157,7 @@ class _Session:
                     f"lost the connection to {self.where}: {exc.strerror}", EX_UNAVAILABLE
                 ) from None
             if not data:
+                self._not_picchat()
                 said = self.client.last_plain if self.client.welcome is None else ""
                 why = f": {said[2:]}" if said.startswith("! ") else ""
                 raise SendError(
@@ -166,6 +168,15 @@ class _Session:
             except ProtocolError as exc:
                 raise SendError(str(exc), EX_PROTOCOL) from None
         return self.frames.pop(0)
+
+    def _not_picchat(self) -> None:
+        """Before the hello reply, a first line that is not picchat's greeting
+        means we reached some other service (exit 76, not "no server")."""
+        said = self.client.last_plain
+        if self.client.welcome is None and said and not said.startswith(("* ", "! ")):
+            raise SendError(
+                f"{self.where} does not speak picchat (it said {said[:60]!r})", EX_PROTOCOL
+            )
 
     def send(self, data: bytes) -> None:
         try:

@@ -268,7 +268,8 @@ class Server:
             return
         self._stopping = True
         self.notifier.stopping()
-        log.info("Shutting down: telling %d connections", len(self._socks))
+        n = len(self._socks)
+        log.info("Shutting down: telling %d connection%s", n, "" if n == 1 else "s")
         self._close_listeners()
         self.hub.shutdown("Server is shutting down. Bye!")
         self._schedule_flush()

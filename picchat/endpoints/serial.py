@@ -219,7 +219,7 @@ class SerialBridge:
         self._reader = LineReader(self._max_line)
         self._out.clear()
         if self._missing_logged:
-            log.warning("Serial device %s is back", device)
+            log.info("Serial device %s is back", device)
         self._missing_logged = False
         log.info(
             "Serial line %s open at %d baud (%s mode) as %s",

@@ -196,13 +196,16 @@ def test_fifo_path_that_is_not_a_fifo_exits_69(start_server, short_tmp):
     ],
     ids=["max-line-abc", "max-line-too-small", "port-too-big", "unknown-key", "bad-value", "toml"],
 )
-def test_bad_setting_exits_78_with_one_line(args, config, mentions, start_server, short_tmp):
+def test_bad_setting_exits_with_one_line(args, config, mentions, start_server, short_tmp):
+    """A bad value on the command line is a usage error (64); elsewhere a
+    configuration error (78)."""
     if config is not None:
         path = short_tmp / "picchat.toml"
         path.write_text(config)
         args = [*args, "--config", str(path)]
     server = start_server(*args, wait=False)
-    assert server.wait_exit(timeout=5) == EX_CONFIG, server.log
+    expected = EX_USAGE if config is None else EX_CONFIG
+    assert server.wait_exit(timeout=5) == expected, server.log
     lines = log_lines(server)
     assert len(lines) == 1, lines
     assert mentions in lines[0], lines[0]

@@ -260,3 +260,24 @@ def test_send_rejects_a_bad_timeout(server):
     proc, _ = run_send("--socket", str(server.sock_path), "--timeout", "-1", "x")
     assert proc.returncode == 64
     assert "--timeout" in one_line(proc.stderr)
+
+
+def test_send_to_a_service_that_is_not_picchat_exits_76():
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def banner_then_close():
+        conn, _ = listener.accept()
+        conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+        conn.recv(4096)  # the hello
+        conn.close()
+
+    t = threading.Thread(target=banner_then_close, daemon=True)
+    t.start()
+    proc, _ = run_send("--port", str(port), "--timeout", "5", "hello?")
+    t.join(timeout=5)
+    listener.close()
+    assert proc.returncode == 76, proc.stderr
+    assert "does not speak picchat" in one_line(proc.stderr)

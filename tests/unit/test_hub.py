@@ -148,9 +148,9 @@ def test_presence_is_announced_to_everyone(net):
     net.plain(2)
     net.plain(3)
     assert net.presence() is True
-    assert net.lines(1) == ["* guest2, guest3 joined"]
-    assert net.lines(2) == ["* guest2, guest3 joined"]
-    assert net.lines(3) == ["* guest2, guest3 joined"]
+    assert net.lines(1) == ["* guest2 and guest3 joined"]
+    assert net.lines(2) == ["* guest2 and guest3 joined"]
+    assert net.lines(3) == ["* guest2 and guest3 joined"]
     net.hub.gone(3, "reset")
     assert net.presence() is True
     assert net.lines(1) == ["* guest3 left"]
