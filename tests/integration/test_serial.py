@@ -325,7 +325,7 @@ def test_device_unplugged_and_plugged_in_again(start_server, socat_pair, ends, c
 
     mark = server.mark()
     pair.start()  # plugged in again: a new pty behind the same link
-    server.wait_for_log(r"WARNING Serial device .* is back", start=mark)
+    server.wait_for_log(r"INFO Serial device .* is back", start=mark)
     wait_open(server, pair.dev, start=mark)
     bob.expect(r"^\* tty1 joined$")
     term2 = SerialEnd.open(pair.term, "term again")
