@@ -70,6 +70,12 @@ class Settings:
         "bytes of output that may wait for one connection; a reader further behind is disconnected",
         minimum=4096,
     )
+    max_total_queue: int = _opt(
+        33554432,
+        "bytes of output that may wait for all connections together; beyond it the readers "
+        "furthest behind are disconnected first",
+        minimum=65536,
+    )
     history: int = _opt(1000, "messages kept in memory for replay", minimum=1)
     max_clients: int = _opt(10000, "connections served at once", minimum=1)
     sessions: int = _opt(

@@ -130,6 +130,7 @@ class Hub:
         log_chat: bool = True,
         max_sessions: int = 10000,
         dedupe_window: int = 128,
+        max_total: int = 1 << 62,
         new_token: Callable[[], str] = lambda: secrets.token_hex(16),
         reserved_names: tuple[str, ...] = (),
     ) -> None:
@@ -139,6 +140,8 @@ class Hub:
         self.log_chat = log_chat
         self.max_sessions = max_sessions
         self.dedupe_window = dedupe_window
+        self.max_total = max_total  # all output queues together
+        self._appended = 0  # an upper bound of their total; see _enforce_total
         self._new_token = new_token
         self.sessions: dict[str, Session] = {}
         self._away: OrderedDict[str, None] = (
@@ -193,9 +196,11 @@ class Hub:
         max_sessions: int,
         dedupe_window: int,
         reserved_names: tuple[str, ...],
+        max_total: int = 1 << 62,
     ) -> None:
         """New limits from a reload; connections stay."""
         self.max_queue = max_queue
+        self.max_total = max_total
         self.log_chat = log_chat
         self.max_sessions = max_sessions
         self.dedupe_window = dedupe_window
@@ -521,12 +526,12 @@ class Hub:
             session=session,
         )
 
-    def _too_slow(self, peer: Peer, leave: bool = True) -> None:
+    def _too_slow(self, peer: Peer, leave: bool = True, reason: str = "") -> None:
         # A reader this far behind has stopped reading: waiting for it would
         # stall everyone or grow without bound. It can reconnect (and resume).
         name = self.room.name_of(peer.cid) if peer.cid in self.room else peer.address
-        reason = (
-            f"too slow: it stopped reading with over {self.max_queue} bytes (max-queue) waiting"
+        reason = "too slow: " + (
+            reason or f"it stopped reading with over {self.max_queue} bytes (max-queue) waiting"
         )
         # The client's trouble, not the server's: notice, not warning.
         log.log(NOTICE, "Disconnecting %s (%s): %s", name, peer.address, reason)
@@ -636,4 +641,37 @@ class Hub:
             return False
         peer.out += data
         self._dirty.add(peer.cid)
-        return True
+        self._appended += len(data)
+        if self._appended > self.max_total:
+            self._enforce_total()
+        return not peer.doomed
+
+    def _enforce_total(self) -> None:
+        """Keep all output queues together under max_total bytes.
+
+        ``_appended`` counts bytes queued since the last exact count and so
+        over-estimates the total (sends are not subtracted); only when it
+        passes the ceiling do we count exactly, which costs one pass over the
+        connections per max_total bytes queued. If the real total is over,
+        the readers furthest behind are disconnected first, down to three
+        quarters of the ceiling (so this does not run again at once). They
+        leave the room when the I/O layer drops them.
+        """
+        total = sum(len(p.out) for p in self.peers.values())
+        if total > self.max_total:
+            behind = sorted(
+                (p for p in self.peers.values() if p.limit is None and not p.doomed and p.out),
+                key=lambda p: len(p.out),
+                reverse=True,
+            )
+            for peer in behind:
+                if total <= self.max_total * 3 // 4:
+                    break
+                total -= len(peer.out)
+                self._too_slow(
+                    peer,
+                    leave=False,
+                    reason=f"furthest behind when all output waiting passed {self.max_total} "
+                    "bytes (max-total-queue)",
+                )
+        self._appended = total

@@ -55,6 +55,7 @@ EMFILE_PAUSE = 1.0  # seconds without accepting after running out of fds
 LIVE_SETTINGS = (
     "fifo_name",
     "max_queue",
+    "max_total_queue",
     "history",
     "max_clients",
     "sessions",
@@ -87,6 +88,7 @@ class Server:
             log_chat=settings.log_chat,
             max_sessions=settings.sessions,
             dedupe_window=settings.dedupe_window,
+            max_total=settings.max_total_queue,
             reserved_names=((settings.fifo_name,) if settings.fifo else ())
             + tuple(parse_serial_spec(spec).name for spec in settings.serial),
         )
@@ -197,6 +199,7 @@ class Server:
             log_chat=s.log_chat,
             max_sessions=s.sessions,
             dedupe_window=s.dedupe_window,
+            max_total=s.max_total_queue,
             reserved_names=self._reserved_names(),
         )
         logs.set_level(s.log_level)

@@ -519,3 +519,60 @@ def test_a_presence_line_for_many_is_encoded_once_per_format(net, encode_calls):
     assert all(len(net.lines(cid)) == 1 for cid in range(50))
     assert all(len(net.lines(cid)) == 1 for cid in range(60, 160))
     assert all(net.frames(cid)[0]["joined_count"] == 100 for cid in range(50, 60))
+
+
+# ---- the ceiling on all output together -------------------------------------------------
+
+
+def test_all_queues_together_stay_under_the_total_and_the_furthest_behind_go_first():
+    hub = Hub(
+        history_id="h",
+        history_limit=10,
+        max_line=1024,
+        max_queue=1 << 20,  # each alone may hold plenty...
+        log_chat=False,
+        max_total=64 * 1024,  # ...but all together only 64 KiB
+    )
+    for cid in range(1, 11):
+        hub.open(cid, "test")
+        hub.receive(cid, b"/who\n", 0.0)
+    # cid 1 talks; 2..10 never read, except 9 and 10 which drain now and then,
+    # so 2..8 fall furthest behind.
+    doomed: list[int] = []
+    for i in range(200):
+        hub.receive(1, b"x" * 600 + b"\n", float(i))
+        hub.output(1).clear()
+        if i % 10 == 0:
+            for cid in (9, 10):
+                hub.output(cid).clear()
+        total = sum(len(p.out) for p in hub.peers.values())
+        assert total <= 64 * 1024 + 2 * 1024  # the ceiling, give or take one frame
+        doomed += [cid for cid, _ in hub.take_doomed()]
+    assert doomed, "nobody was disconnected"
+    assert set(doomed) <= set(range(2, 9))  # only those that never read
+    assert 9 not in doomed and 10 not in doomed
+
+
+def test_the_total_is_counted_exactly_only_now_and_then(monkeypatch):
+    hub = Hub(
+        history_id="h",
+        history_limit=10,
+        max_line=1024,
+        max_queue=1 << 20,
+        log_chat=False,
+        max_total=1 << 20,
+    )
+    hub.open(1, "test")
+    hub.open(2, "test")
+    counts = []
+    real = Hub._enforce_total
+
+    def counting(self):
+        counts.append(1)
+        real(self)
+
+    monkeypatch.setattr(Hub, "_enforce_total", counting)
+    for i in range(1000):  # ~100 KB queued for 2, drained each time
+        hub.receive(1, b"y" * 100 + b"\n", float(i))
+        hub.output(2).clear()
+    assert counts == []  # well under the ceiling: never counted
