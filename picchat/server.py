@@ -43,7 +43,9 @@ from .sanitize import clean_bytes
 
 log = logging.getLogger(__name__)
 
-RECV_SIZE = 65536
+# One recv() takes no more than one turn's budget of input, so a connection
+# paused with a backlog holds at most this plus max-line bytes of input.
+RECV_SIZE = 16384
 # One connection's input handled per loop turn, at most: a burst of thousands
 # of short lines becomes slices with a flush of everyone's output between
 # them, instead of one turn that queues megabytes for every reader.
