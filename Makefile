@@ -5,7 +5,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: run test unit integration lint format bench clean install uninstall system
+.PHONY: run test unit integration lint format bench clean install uninstall system deploy e2e
 
 run:
 	$(PYTHON) -m picchat $(ARGS)
@@ -48,3 +48,10 @@ uninstall:
 # systemd-container): install.sh, the units, journald.
 system: $(VENV)/.installed
 	PICCHAT_SYSTEM_TESTS=1 $(VPY) -m pytest tests/system $(PYTEST_ARGS)
+
+# From a laptop: put picchat on a Pi over ssh and start it (HOST=pi@raspberrypi.local).
+deploy:
+	sh deploy/deploy.sh $(DEPLOY_ARGS) $(HOST)
+
+# The end-to-end tests (the same as `make system`).
+e2e: system

@@ -34,6 +34,8 @@ PACKAGES = [
     "sudo",
     "passwd",
     "procps",  # /bin/kill for ExecReload=, as on Raspberry Pi OS
+    "openssh-server",
+    "tar",
 ]
 SUITE = "bookworm"
 
@@ -97,6 +99,9 @@ def rootfs() -> Path:
     subprocess.run(["chroot", str(building), "apt-get", "clean"], check=True, timeout=120)
     building.rename(root)
     (root / ".complete").write_text("ok\n")
+    for old in CACHE.glob("rootfs-*"):  # built for an older package list
+        if old != root:
+            shutil.rmtree(old, ignore_errors=True)
     return root
 
 

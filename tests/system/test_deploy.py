@@ -1,0 +1,154 @@
+"""deploy/deploy.sh over real ssh to a stand-in Pi with no network but loopback.
+
+The Pi boots with --private-network; ssh reaches its sshd through a
+ProxyCommand that enters its network namespace (nsenter ... socat), so the
+deploy proves the Pi needs no internet. Run with `make system`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .pi import Pi, missing_tools
+
+ROOT = Path(__file__).parents[2]
+DEPLOY = ROOT / "deploy" / "deploy.sh"
+
+if os.environ.get("PICCHAT_SYSTEM_TESTS") != "1":
+    pytest.skip(
+        "system tests boot Debian in systemd-nspawn: run them with `make system`",
+        allow_module_level=True,
+    )
+if os.geteuid() != 0 or missing_tools():
+    pytest.fail(
+        f"system tests need root and {', '.join(missing_tools()) or 'nothing else'}: "
+        "apt install debootstrap systemd-container",
+        pytrace=False,
+    )
+
+pytestmark = pytest.mark.timeout(600)
+
+
+class Laptop:
+    """The laptop side: a key, an ssh config reaching the Pi, deploy.sh."""
+
+    def __init__(self, pi: Pi, home: Path) -> None:
+        self.pi = pi
+        self.key = home / "id_ed25519"
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key)], check=True
+        )
+        self.config = home / "ssh_config"
+        self.config.write_text(
+            "Host pi\n"
+            "  HostName pi\n"
+            "  User root\n"
+            f"  ProxyCommand nsenter -t {pi.leader} -n socat STDIO TCP:127.0.0.1:22\n"
+            "  StrictHostKeyChecking no\n"
+            "  UserKnownHostsFile /dev/null\n"
+            "  LogLevel ERROR\n"
+        )
+        self.authorize("root", "/root")
+
+    def authorize(self, user: str, home: str) -> None:
+        pub = self.key.with_suffix(".pub").read_text()
+        self.pi.run(
+            "sh",
+            "-c",
+            f"mkdir -p {home}/.ssh && cat > {home}/.ssh/authorized_keys && "
+            f"chown -R {user}: {home}/.ssh && chmod 700 {home}/.ssh",
+            input=pub,
+        )
+
+    def deploy(self, *args: str) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ, PICCHAT_SSH_OPTS=f"-F {self.config}")
+        return subprocess.run(
+            ["sh", str(DEPLOY), "--identity", str(self.key), *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+
+
+@pytest.fixture(scope="module")
+def laptop(tmp_path_factory) -> Iterator[Laptop]:
+    with Pi("picchat-deploy-test") as pi:
+        pi.run("systemctl", "start", "ssh")
+        yield Laptop(pi, tmp_path_factory.mktemp("laptop"))
+
+
+def main_pid(pi: Pi) -> str:
+    return pi.run("systemctl", "show", "-p", "MainPID", "--value", "picchat-server").stdout
+
+
+def test_deploy_as_root_then_again_changes_nothing(laptop):
+    first = laptop.deploy("pi")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "installed and running" in first.stdout, first.stdout
+    state = laptop.pi.run("systemctl", "is-active", "picchat-server").stdout.strip()
+    assert state == "active"
+    pid = main_pid(laptop.pi)
+    second = laptop.deploy("pi")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "nothing changed" in second.stdout, second.stdout
+    assert main_pid(laptop.pi) == pid
+
+
+def test_dry_run_changes_nothing(laptop):
+    pid = main_pid(laptop.pi)
+    proc = laptop.deploy("--dry-run", "pi")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert main_pid(laptop.pi) == pid
+
+
+def test_deploy_as_a_sudo_user(laptop):
+    pi = laptop.pi
+    pi.run("useradd", "--create-home", "--shell", "/bin/bash", "pi")
+    pi.run("sh", "-c", "echo 'pi ALL=(ALL) NOPASSWD:ALL' > /etc/sudoers.d/010_pi-nopasswd")
+    laptop.authorize("pi", "/home/pi")
+    proc = laptop.deploy("--user", "pi", "pi")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "checking root or sudo" in proc.stdout
+
+
+def test_a_sudo_that_wants_a_password_is_explained(laptop):
+    pi = laptop.pi
+    pi.run("useradd", "--create-home", "--shell", "/bin/bash", "ann")
+    laptop.authorize("ann", "/home/ann")
+    proc = laptop.deploy("ann@pi")
+    assert proc.returncode == 77
+    assert "NOPASSWD" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_a_refused_key_is_explained(laptop, tmp_path):
+    other = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    env = dict(os.environ, PICCHAT_SSH_OPTS=f"-F {laptop.config}")
+    proc = subprocess.run(
+        ["sh", str(DEPLOY), "--identity", str(other), "nobody@pi"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert proc.returncode == 77, proc.stderr
+    assert "ssh-copy-id" in proc.stderr
+
+
+def test_uninstall_then_purge(laptop):
+    proc = laptop.deploy("--uninstall", "pi")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    pi = laptop.pi
+    assert pi.run("test", "-f", "/etc/picchat/picchat.toml", check=False).returncode == 0
+    proc = laptop.deploy("--uninstall", "--purge", "pi")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for path in ("/etc/picchat", "/opt/picchat", "/etc/systemd/system/picchat-server.service"):
+        assert pi.run("test", "-e", path, check=False).returncode != 0, path
+    assert pi.run("id", "picchat", check=False).returncode != 0
