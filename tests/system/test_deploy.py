@@ -101,6 +101,121 @@ def test_deploy_as_root_then_again_changes_nothing(laptop):
     assert main_pid(laptop.pi) == pid
 
 
+class HostClient:
+    """picchat-client running on the host, inside the Pi's network namespace
+    (so it reaches the Pi's 127.0.0.1:1234), stdin a pipe: lines in, lines out."""
+
+    def __init__(self, pi: Pi, name: str) -> None:
+        import sys
+        import threading
+
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [
+                "nsenter",
+                "-t",
+                str(pi.leader),
+                "-n",
+                sys.executable,
+                "-m",
+                "picchat.client",
+                "--port",
+                "1234",
+                "--name",
+                name,
+                "--retry",
+                "0.5",
+            ],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, text: str, timeout: float = 20) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.lines):
+            assert time.monotonic() < deadline, f"no {text!r} in {self.lines}"
+            time.sleep(0.05)
+
+    def count(self, text: str) -> int:
+        return sum(text in line for line in self.lines)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def test_a_host_client_chats_with_picchat_send_inside(laptop):
+    client = HostClient(laptop.pi, "laptop")
+    try:
+        client.wait_for("Connected to the server!")
+        laptop.pi.run("picchat-send", "--name", "root@pi", "hello laptop")
+        client.wait_for("root@pi: hello laptop")
+    finally:
+        client.close()
+
+
+def test_a_killed_daemon_is_restarted_and_the_client_comes_back(laptop):
+    pi = laptop.pi
+    client = HostClient(pi, "watcher")
+    try:
+        client.wait_for("Connected to the server!")
+        pid = main_pid(pi).strip()
+        pi.run("kill", "-9", pid)
+        client.wait_for("Connection lost")
+        client.wait_for("Reconnected", timeout=20)  # RestartSec=5, then the client's retry
+        assert main_pid(pi).strip() != pid
+        pi.run("picchat-send", "--name", "root@pi", "after the crash")
+        client.wait_for("root@pi: after the crash")
+    finally:
+        client.close()
+
+
+def test_an_upgrade_restarts_once_and_a_connected_client_misses_nothing(laptop, tmp_path):
+    import shutil
+
+    newer = tmp_path / "newer"
+    shutil.copytree(ROOT, newer, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__"))
+    init = newer / "picchat" / "__init__.py"
+    init.write_text(init.read_text().replace('__version__ = "', '__version__ = "9.'))
+    pi = laptop.pi
+    client = HostClient(pi, "upgrader")
+    try:
+        client.wait_for("Connected to the server!")
+        pid = main_pid(pi).strip()
+        env = dict(os.environ, PICCHAT_SSH_OPTS=f"-F {laptop.config}")
+        proc = subprocess.run(
+            ["sh", str(newer / "deploy" / "deploy.sh"), "--identity", str(laptop.key), "pi"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert proc.stdout.count("restarting picchat-server") == 1, proc.stdout
+        assert main_pid(pi).strip() != pid
+        client.wait_for("Reconnected")
+        pi.run("picchat-send", "--name", "root@pi", "after the upgrade")
+        client.wait_for("root@pi: after the upgrade")
+        assert client.count("root@pi: after the upgrade") == 1
+    finally:
+        client.close()
+    # Back to this version for the tests that follow.
+    again = laptop.deploy("pi")
+    assert again.returncode == 0, again.stdout + again.stderr
+
+
 def test_dry_run_changes_nothing(laptop):
     pid = main_pid(laptop.pi)
     proc = laptop.deploy("--dry-run", "pi")
