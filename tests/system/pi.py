@@ -150,7 +150,7 @@ class Pi:
         try:
             self._wait_booted()
         except BaseException:
-            self.__exit__(None, None, None)
+            self._teardown()
             raise
         return self
 
@@ -195,6 +195,10 @@ class Pi:
         return proc
 
     def __exit__(self, *exc: object) -> None:
+        self._teardown()
+        self.check_nothing_left()
+
+    def _teardown(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)  # powers the container off
             try:
@@ -202,6 +206,23 @@ class Pi:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
+        self._remove_cgroups()
+
+    def check_nothing_left(self) -> None:
+        """The harness leaves no mounts, cgroups or processes behind."""
+        left = []
+        mounts = Path("/proc/mounts").read_text()
+        if str(CACHE) in mounts or self.name in mounts:
+            left.append("mounts")
+        left += [str(cg) for cg in self.cgroups if cg.exists()]
+        if self.proc is not None and self.proc.poll() is None:
+            left.append(f"nspawn pid {self.proc.pid}")
+        if self.leader and Path(f"/proc/{self.leader}").exists():
+            left.append(f"container init pid {self.leader}")
+        if left:
+            raise PiError(f"the stand-in Pi left behind: {', '.join(left)}")
+
+    def _remove_cgroups(self) -> None:
         for cg in self.cgroups:  # nspawn made payload/ and supervisor/ inside: deepest first
             if cg.is_dir():
                 for sub in sorted(cg.glob("**/"), key=lambda p: len(p.parts), reverse=True):
