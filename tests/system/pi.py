@@ -108,9 +108,15 @@ def rootfs() -> Path:
 class Pi:
     """One boot of the stand-in Pi. Use as a context manager."""
 
-    def __init__(self, name: str, binds: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        binds: dict[str, str] | None = None,
+        devices: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
-        self.binds = binds or {}
+        self.binds = binds or {}  # read-only: host path -> path inside
+        self.devices = devices or {}  # read-write (a host pty as a serial port)
         self.proc: subprocess.Popen[bytes] | None = None
         self.leader = 0
         self.cgroups = [Path(f"/sys/fs/cgroup/{h}/{name}") for h in ("systemd", "unified")]
@@ -135,6 +141,8 @@ class Pi:
         ]
         for host, inside in self.binds.items():
             args.append(f"--bind-ro={host}:{inside}")
+        for host, inside in self.devices.items():
+            args.append(f"--bind={host}:{inside}")
         # Put nspawn in a cgroup of its own, then exec it.
         procs = " ".join(str(cg / "cgroup.procs") for cg in self.cgroups if cg.is_dir())
         script = f'for f in {procs}; do echo $$ > "$f"; done; exec "$@"'
