@@ -73,6 +73,14 @@ install_file() {
 command -v python3 >/dev/null 2>&1 || fail "python3 is missing: sudo apt install python3 python3-venv" 69
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
     fail "Python 3.11 or newer is needed, this is $(python3 -V 2>&1); Raspberry Pi OS bookworm has it" 69
+if [ "$uninstall" -eq 0 ]; then
+    # About 1 MiB of code and a venv of a few MiB: ask for 20 MiB to be safe.
+    parent=$PREFIX
+    while [ ! -d "$parent" ]; do parent=$(dirname "$parent"); done
+    free_kib=$(df -Pk "$parent" | awk 'NR == 2 { print $4 }')
+    [ "$free_kib" -ge 20480 ] ||
+        fail "not enough disk space: $((free_kib / 1024)) MiB free for $PREFIX, picchat needs about 20 MiB; free some (sudo apt clean, old logs) and run me again" 73
+fi
 
 # ---- uninstall -------------------------------------------------------------------
 

@@ -257,6 +257,37 @@ def test_a_refused_key_is_explained(laptop, tmp_path):
     assert "ssh-copy-id" in proc.stderr
 
 
+def test_a_full_disk_is_explained_and_nothing_is_left_running(laptop):
+    pi = laptop.pi
+    laptop.deploy("--uninstall", "pi")
+    pi.run("mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", "/opt")
+    try:
+        proc = laptop.deploy("pi")
+    finally:
+        pi.run("umount", "/opt")
+    assert proc.returncode == 73, proc.stdout + proc.stderr
+    assert "not enough disk space" in proc.stderr
+    assert proc.stderr.count("picchat: error") == 1, proc.stderr
+    state = pi.run("systemctl", "is-active", "picchat-server", check=False).stdout.strip()
+    assert state != "active"
+
+
+def test_an_old_python_is_explained(laptop):
+    pi = laptop.pi
+    pi.run(
+        "sh",
+        "-c",
+        "printf '#!/bin/sh\\ncase \"$*\" in -V) echo Python 3.9.2;; *) exit 1;; esac\\n'"
+        " > /usr/local/bin/python3 && chmod +x /usr/local/bin/python3",
+    )
+    try:
+        proc = laptop.deploy("pi")
+    finally:
+        pi.run("rm", "-f", "/usr/local/bin/python3")
+    assert proc.returncode == 69, proc.stdout + proc.stderr
+    assert "Python 3.11 or newer is needed, this is Python 3.9.2" in proc.stderr, proc.stderr
+
+
 def test_uninstall_then_purge(laptop):
     proc = laptop.deploy("--uninstall", "pi")
     assert proc.returncode == 0, proc.stdout + proc.stderr
