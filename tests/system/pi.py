@@ -48,6 +48,41 @@ def missing_tools() -> list[str]:
     return [t for t in ("debootstrap", "systemd-nspawn", "nsenter") if shutil.which(t) is None]
 
 
+def why_not() -> str | None:
+    """Why the stand-in Pi cannot run here, in a line; None if it can."""
+    if os.geteuid() != 0:
+        return "booting a stand-in Pi needs root"
+    if missing_tools():
+        return (
+            f"booting a stand-in Pi needs {', '.join(missing_tools())}: "
+            "apt install debootstrap systemd-container"
+        )
+    if not (CACHE.exists() and any(CACHE.glob("rootfs-*/.complete"))):
+        try:
+            debian_mirror()
+        except PiError as exc:
+            return f"cannot build the stand-in Pi: {exc}"
+    return None
+
+
+def require() -> None:
+    """For system test modules: skip (with the reason) where the Pi cannot
+    run, unless this is CI, where a skipped system test would hide a gap."""
+    import pytest
+
+    if os.environ.get("PICCHAT_SYSTEM_TESTS") != "1":
+        pytest.skip(
+            "system tests boot Debian in systemd-nspawn: run them with `make system`",
+            allow_module_level=True,
+        )
+    reason = why_not()
+    if reason is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (under CI a system test may not be skipped)", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
 def debian_mirror() -> str:
     """The Debian mirror this machine's own apt sources name (for bookworm)."""
     files = [Path("/etc/apt/sources.list"), *Path("/etc/apt/sources.list.d").glob("*")]

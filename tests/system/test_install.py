@@ -7,7 +7,6 @@ they need root, debootstrap and systemd-nspawn and take a minute or two.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -15,21 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from .pi import Pi, missing_tools
+from .pi import Pi, require
 
 ROOT = Path(__file__).parents[2]
 
-if os.environ.get("PICCHAT_SYSTEM_TESTS") != "1":
-    pytest.skip(
-        "system tests boot Debian in systemd-nspawn: run them with `make system`",
-        allow_module_level=True,
-    )
-if os.geteuid() != 0 or missing_tools():
-    pytest.fail(
-        f"system tests need root and {', '.join(missing_tools()) or 'nothing else'}: "
-        "apt install debootstrap systemd-container",
-        pytrace=False,
-    )
+require()
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -17,17 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from .pi import Pi, missing_tools
+from .pi import Pi, require
 
 ROOT = Path(__file__).parents[2]
 
-if os.environ.get("PICCHAT_SYSTEM_TESTS") != "1":
-    pytest.skip(
-        "system tests boot Debian in systemd-nspawn: run them with `make system`",
-        allow_module_level=True,
-    )
-if os.geteuid() != 0 or missing_tools():
-    pytest.fail("system tests need root, debootstrap and systemd-nspawn", pytrace=False)
+require()
 
 pytestmark = pytest.mark.timeout(600)
 
