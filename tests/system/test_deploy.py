@@ -85,10 +85,51 @@ def test_deploy_as_root_then_again_changes_nothing(laptop):
     state = laptop.pi.run("systemctl", "is-active", "picchat-server").stdout.strip()
     assert state == "active"
     pid = main_pid(laptop.pi)
+    files = ["/opt/picchat/bin/picchat-server", "/etc/systemd/system/picchat-server.service"]
+    hub_py = "ls /opt/picchat/lib/*/site-packages/picchat/hub.py"
+    files.append(laptop.pi.run("sh", "-c", hub_py).stdout.strip())
+    before = [laptop.pi.run("stat", "-c", "%Y", f).stdout for f in files]
     second = laptop.deploy("pi")
     assert second.returncode == 0, second.stdout + second.stderr
     assert "nothing changed" in second.stdout, second.stdout
     assert main_pid(laptop.pi) == pid
+    assert [laptop.pi.run("stat", "-c", "%Y", f).stdout for f in files] == before
+
+
+def test_start_stop_restart_and_the_journal(laptop):
+    import json
+    import time
+
+    pi = laptop.pi
+    pi.run("systemctl", "stop", "picchat-server")
+    state = pi.run("systemctl", "is-active", "picchat-server", check=False).stdout.strip()
+    assert state == "inactive"
+    pi.run("systemctl", "start", "picchat-server")
+    pi.run("systemctl", "restart", "picchat-server")
+    assert pi.run("systemctl", "is-active", "picchat-server").stdout.strip() == "active"
+    client = HostClient(pi, "journaled")
+    try:
+        client.wait_for("Connected to the server!")
+        pi.run("picchat-send", "--name", "root@pi", "for the journal")
+        client.wait_for("root@pi: for the journal")
+    finally:
+        client.close()
+    deadline = time.monotonic() + 15
+    while True:
+        out = pi.run(
+            "journalctl", "-u", "picchat-server", "-o", "json", "--no-pager", check=False
+        ).stdout
+        entries = [json.loads(line) for line in out.splitlines() if line.strip()]
+        messages = [e.get("MESSAGE", "") for e in entries]
+        joined = any("journaled connected from" in m for m in messages)
+        chat = [e for e in entries if e.get("PICCHAT_SENDER") == "root@pi"]
+        if joined and chat:
+            break
+        assert time.monotonic() < deadline, messages[-20:]
+        time.sleep(0.2)
+    assert any("Server is running and waiting for connections" in m for m in messages)
+    assert chat[-1]["MESSAGE"] == "root@pi: for the journal"
+    assert chat[-1]["PICCHAT_ORIGIN"] == "unix" and chat[-1]["PICCHAT_SEQ"].isdigit()
 
 
 class HostClient:
