@@ -28,7 +28,7 @@ from .exits import EX_NOPERM, EX_OK, EX_PROTOCOL
 from .framing import TOO_LONG, LineReader
 from .loop import Loop, Timer
 from .protocol import ClientConnection, ProtocolError
-from .terminal import RawTerminal, width
+from .terminal import RawTerminal, width, write_all
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 1234
@@ -144,16 +144,8 @@ class InteractiveClient:
     # ---- output to the user ------------------------------------------------
 
     def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                n = os.write(self.stdout, view)
-            except BlockingIOError:
-                continue
-            except OSError:  # our terminal is gone: nothing more to show
-                self._stop(EX_OK)
-                return
-            view = view[n:]
+        if not write_all(self.stdout, data):  # our terminal is gone: nothing more to show
+            self._stop(EX_OK)
 
     def _show(self, text: str) -> None:
         if self.editor is not None:

@@ -260,9 +260,7 @@ class Hub:
         self._dirty.discard(cid)
         self._detach(peer)
         if cid in self.room:
-            name = self.room.name_of(cid)
-            self.room.leave(cid)
-            self._log_leave(peer, name, reason)
+            self._leave(peer, reason)
         else:
             log.debug("%s (%s) closed: %s", peer.sender or "connection", peer.address, reason)
 

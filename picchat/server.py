@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from . import __version__, logs, systemd
 from .config import ConfigError, Settings, parse_serial_spec, socket_path
@@ -82,18 +83,6 @@ class Server:
         self._reload = reload  # reads the settings anew, for SIGHUP
         self.notifier = systemd.Notifier()
         self.loop = loop or Loop()
-        self.hub = Hub(
-            history_id=secrets.token_hex(8),
-            history_limit=settings.history,
-            max_line=settings.max_line,
-            max_queue=settings.max_queue,
-            log_chat=settings.log_chat,
-            max_sessions=settings.sessions,
-            dedupe_window=settings.dedupe_window,
-            max_total=settings.max_total_queue,
-            reserved_names=((settings.fifo_name,) if settings.fifo else ())
-            + tuple(parse_serial_spec(spec).name for spec in settings.serial),
-        )
         self._writer = writer
         self._socks: dict[int, socket.socket] = {}  # cid -> socket
         self._listeners: list[tuple[socket.socket, bool]] = []  # (sock, is_tcp)
@@ -110,6 +99,9 @@ class Server:
         self._stopping = False
         self._stop_timer: Timer | None = None
         self.addresses: list[str] = []
+        self.hub = Hub(
+            history_id=secrets.token_hex(8), max_line=settings.max_line, **self._hub_limits()
+        )
 
     # ---- start and stop ----------------------------------------------------
 
@@ -194,17 +186,8 @@ class Server:
             if f.name not in LIVE_SETTINGS and getattr(new, f.name) != getattr(old, f.name)
         ]
         self.settings = old.replace(**{f: getattr(new, f) for f in changed})
-        s = self.settings
-        self.hub.reconfigure(
-            max_queue=s.max_queue,
-            history_limit=s.history,
-            log_chat=s.log_chat,
-            max_sessions=s.sessions,
-            dedupe_window=s.dedupe_window,
-            max_total=s.max_total_queue,
-            reserved_names=self._reserved_names(),
-        )
-        logs.set_level(s.log_level)
+        self.hub.reconfigure(**self._hub_limits())
+        logs.set_level(self.settings.log_level)
         if changed:
             log.info("Reloaded: %s changed", ", ".join(f.replace("_", "-") for f in changed))
         else:
@@ -212,6 +195,19 @@ class Server:
         if later:
             log.warning("These changed settings need a restart: %s", ", ".join(later))
         self.notifier.ready(self._status())
+
+    def _hub_limits(self) -> dict[str, Any]:
+        """The hub's settings that a reload can change, as its keyword arguments."""
+        s = self.settings
+        return {
+            "history_limit": s.history,
+            "max_queue": s.max_queue,
+            "log_chat": s.log_chat,
+            "max_sessions": s.sessions,
+            "dedupe_window": s.dedupe_window,
+            "max_total": s.max_total_queue,
+            "reserved_names": self._reserved_names(),
+        }
 
     def _reserved_names(self) -> tuple[str, ...]:
         """Names no client may take: the FIFO's (ours or systemd's) and the serial lines'."""
@@ -526,7 +522,8 @@ class Server:
 
     def _flush_dirty(self) -> None:
         self._flush_scheduled = False
-        self.notifier.status(self._status())  # sent only when it changed
+        if self.notifier.enabled:  # no string to build outside systemd
+            self.notifier.status(self._status())  # sent only when it changed
         for cid in self.hub.take_dirty():
             if cid in self._socks:
                 self._flush(cid)

@@ -50,3 +50,16 @@ def width(fd: int, default: int = 80) -> int:
         return os.get_terminal_size(fd).columns or default
     except OSError:
         return default
+
+
+def write_all(fd: int, data: bytes) -> bool:
+    """Write all of ``data`` to a terminal; False if the terminal is gone."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            continue
+        except OSError:
+            return False
+    return True

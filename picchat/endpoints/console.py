@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from ..editor import Editor, Line, QuitRequest
 from ..loop import Loop
-from ..terminal import RawTerminal, width
+from ..terminal import RawTerminal, width, write_all
 
 
 def wanted(setting: str, fd: int = 0, env: dict[str, str] | None = None) -> bool:
@@ -55,14 +55,7 @@ class Console:
         self._write(self.editor.start())
 
     def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[os.write(self._out, view) :]
-            except BlockingIOError:
-                continue
-            except OSError:  # the terminal went away; keep serving the others
-                return
+        write_all(self._out, data)  # if the terminal went away, keep serving the others
 
     def show(self, text: str) -> None:
         """Print a line above the prompt (chat, notices, log lines)."""
