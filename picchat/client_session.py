@@ -66,7 +66,6 @@ class ClientSession:
         self.seq = 0  # newest sequence number received (others' messages) under history_id
         self.unacked: OrderedDict[str, str] = OrderedDict()  # id -> text
         self._next_id = 1
-        self._sent: set[str] = set()  # ids sent on the current connection
         self._quitting = False
         # The longest line the server takes (its welcome says); a longer
         # frame would be discarded unanswered and wait for an ack forever.
@@ -84,7 +83,6 @@ class ClientSession:
 
     def disconnected(self) -> None:
         self.connected = False
-        self._sent.clear()
 
     # ---- the user typed a line ---------------------------------------------------
 
@@ -118,7 +116,6 @@ class ClientSession:
         self.unacked[id_] = text
         if not self.connected:
             return b"", [Show(f"(pending) {text}", kind="status")]
-        self._sent.add(id_)
         return frame, []
 
     def _command(self, text: str) -> tuple[bytes, list[Output]]:
@@ -164,7 +161,6 @@ class ClientSession:
         if kind == "ack":
             id_ = str(frame.get("id"))
             self.unacked.pop(id_, None)
-            self._sent.discard(id_)
             # self.seq follows the messages we receive, not our own: the
             # server never sends us our own, and a replay still under way
             # may hold older ones we have not seen yet.
@@ -231,7 +227,6 @@ class ClientSession:
             encode_request({"type": "msg", "id": id_, "text": text})
             for id_, text in self.unacked.items()
         )
-        self._sent.update(self.unacked)
         if self.unacked:
             out.append(Show(f"sending {len(self.unacked)} pending message(s)", kind="status"))
         return data, out
