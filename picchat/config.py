@@ -104,6 +104,36 @@ class Settings:
     keepalive_count: int = _opt(
         3, "TCP keepalive: unanswered probes before a drop", minimum=1, maximum=127
     )
+    token_file: str = _opt(
+        "",
+        "file of tokens (one per line, readable by its owner only) that TCP clients on "
+        "other machines must send with /auth TOKEN; PICCHAT_TOKEN may hold one more",
+    )
+    allow_anonymous: bool = _opt(
+        False,
+        "let TCP clients on other machines in without a token (refused at start-up otherwise "
+        "when listening beyond loopback)",
+    )
+    auth_backoff: float = _opt(
+        30.0,
+        "longest wait, in seconds, before a failed /auth from an address is answered "
+        "(it doubles from 1 s with each failure)",
+        minimum=1.0,
+        maximum=3600.0,
+    )
+    login_timeout: float = _opt(
+        30.0,
+        "seconds a new connection has to finish its TLS handshake and, where a token is "
+        "needed, to authenticate",
+        minimum=0.1,
+        maximum=3600.0,
+    )
+    tls_port: int = _opt(0, "TCP port of the TLS listener (0: no TLS listener)", minimum=0)
+    tls_host: str = _opt("", "address of the TLS listener ('': the same as host)")
+    tls_cert: str = _opt("", "TLS certificate file (PEM), for the TLS listener")
+    tls_key: str = _opt(
+        "", "TLS private key file (PEM, readable by its owner only), for the TLS listener"
+    )
     console: str = _opt(
         "auto",
         "the server's terminal as a participant named Server; 'auto': when stdin is a "
@@ -213,8 +243,8 @@ def _convert(name: str, value: Any, source: str) -> Any:
         raise ConfigError(
             f"{flag(name)[2:]} from {source}: {value} is above {meta['max']}", _cli(source)
         )
-    if name == "port" and value > 65535:
-        raise ConfigError(f"port from {source}: {value} is above 65535", _cli(source))
+    if name in ("port", "tls_port") and value > 65535:
+        raise ConfigError(f"{flag(name)[2:]} from {source}: {value} is above 65535", _cli(source))
     if meta["choices"] and value not in meta["choices"]:
         raise ConfigError(
             f"{flag(name)[2:]} from {source}: {value!r} is not one of {', '.join(meta['choices'])}",
@@ -285,6 +315,17 @@ def check(settings: Settings) -> None:
             f"max-queue ({settings.max_queue}) must be at least 4 x max-line "
             f"({4 * settings.max_line})"
         )
+    if settings.tls_port and not (settings.tls_cert and settings.tls_key):
+        raise ConfigError(
+            "tls-port needs tls-cert and tls-key (a self-signed pair: "
+            "`sudo deploy/install.sh --tls`, or see docs/security.md)"
+        )
+    if (
+        settings.tls_port
+        and settings.tls_port == settings.port
+        and tls_host(settings) == settings.host
+    ):
+        raise ConfigError(f"tls-port and port are both {settings.port}; give TLS its own port")
     problem = name_problem(settings.fifo_name)
     if problem is not None:
         raise ConfigError(f"fifo-name {settings.fifo_name!r}: {problem}")
@@ -296,6 +337,11 @@ def check(settings: Settings) -> None:
                 f"serial {text!r}: the name {spec.name} is used twice; give each one name=NAME"
             )
         taken.add(spec.name.casefold())
+
+
+def tls_host(settings: Settings) -> str:
+    """Where the TLS listener listens: tls-host, else host."""
+    return settings.tls_host or settings.host
 
 
 # ---- the local socket's default path ---------------------------------------

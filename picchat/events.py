@@ -6,7 +6,7 @@ into bytes (once per wire format); ``room`` decides who gets which frame.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # ---- requests: from a peer to the server ---------------------------------
 
@@ -29,6 +29,13 @@ class Resume:
 
     history_id: str
     seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """``/auth TOKEN``: the first line where the server asks for a token."""
+
+    token: bytes = field(repr=False)  # never in a log or a traceback
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +87,7 @@ class Closed:
     """The peer closed its end."""
 
 
-Request = Hello | Say | Nick | Who | Help | Quit | Invalid | Fatal | Closed
+Request = Auth | Hello | Say | Nick | Who | Help | Quit | Invalid | Fatal | Closed
 
 # ---- frames: from the server to peers ------------------------------------
 

@@ -34,8 +34,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 from . import __version__
+from .auth import Gate
 from .events import (
     Ack,
+    Auth,
     Bye,
     Chat,
     Closed,
@@ -56,7 +58,7 @@ from .events import (
     Welcome,
     Who,
 )
-from .protocol import ServerConnection, State, Wire, encode, encode_hello_reply
+from .protocol import AUTH_FIRST, ServerConnection, State, Wire, encode, encode_hello_reply
 from .room import Deliver, Room, name_problem
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,10 @@ class Peer:
         "dropped",
         "way",
         "user",
+        "host",
+        "wake_at",
+        "refused",
+        "token",
     )
 
     def __init__(self, cid: int, address: str, max_line: int) -> None:
@@ -117,6 +123,10 @@ class Peer:
         self.dropped = 0  # lines dropped that way, not yet reported
         self.way = "tcp"  # how it came in: tcp, unix, console, serial (for the log)
         self.user: str | None = None  # the local user behind a Unix socket (not root)
+        self.host = address.rpartition(":")[0].strip("[]") or address  # for the auth back-off
+        self.wake_at: float | None = None  # held (auth back-off) until then: see wake()
+        self.refused = False  # its token was wrong: say so and close when it wakes
+        self.token = b""  # the token it sent, while it waits to be judged
 
 
 class Hub:
@@ -133,7 +143,9 @@ class Hub:
         max_total: int = 1 << 62,
         new_token: Callable[[], str] = lambda: secrets.token_hex(16),
         reserved_names: tuple[str, ...] = (),
+        gate: Gate | None = None,
     ) -> None:
+        self.gate = gate or Gate(())  # the tokens, where a connection needs one
         self.room = Room(history_id, history_limit, reserved_names)
         self.max_line = max_line
         self.max_queue = max_queue
@@ -154,21 +166,37 @@ class Hub:
 
     # ---- what the I/O layer reports ----------------------------------------
 
-    def open(self, cid: int, address: str, way: str = "tcp", user: str | None = None) -> str:
+    def open(
+        self,
+        cid: int,
+        address: str,
+        way: str = "tcp",
+        user: str | None = None,
+        auth: bool = False,
+    ) -> None:
         """A connection was accepted: it joins as a guest and is greeted.
-        ``way`` is how it came in (tcp, unix), for the log; ``user`` the
+        ``way`` is how it came in (tcp, unix, tls), for the log; ``user`` the
         local user behind a Unix socket connection (its sender names must be
-        that user's: USER or USER@something), None if anything goes."""
+        that user's: USER or USER@something), None if anything goes. With
+        ``auth`` it must send a valid ``/auth TOKEN`` first, and is not in the
+        room (it gets nothing of the chat) until it has."""
         peer = Peer(cid, address, self.max_line)
         peer.way = way
         peer.user = user
         self.peers[cid] = peer
-        name = self.room.join(cid)
+        if auth:
+            peer.proto = ServerConnection(self.max_line, auth=True)
+            self._send(peer, Notice(AUTH_FIRST, "auth"))
+            log.debug("connection from %s: waiting for its token", address)
+            return
+        self._admit(peer)
+
+    def _admit(self, peer: Peer) -> None:
+        name = self.room.join(peer.cid)
         self._send(peer, self._welcome(name))
         # Logged as a member once it shows it is one (a line, a member hello,
         # or its join announcement): picchat-send's visits are not news.
-        log.debug("%s: connection from %s", name, address)
-        return name
+        log.debug("%s: connection from %s", name, peer.address)
 
     def open_local(
         self, cid: int, name: str, address: str, announce: bool = True, limit: int | None = None
@@ -240,12 +268,45 @@ class Hub:
 
     def backlogged(self, cid: int) -> bool:
         peer = self.peers.get(cid)
-        return peer is not None and not peer.doomed and not peer.closing and peer.proto.backlog
+        return (
+            peer is not None
+            and not peer.doomed
+            and not peer.closing
+            and peer.wake_at is None
+            and peer.proto.backlog
+        )
+
+    def authenticating(self, cid: int) -> bool:
+        """Still has to send a valid token (or is waiting for its verdict)."""
+        peer = self.peers.get(cid)
+        return peer is not None and peer.proto.authenticating
+
+    def wake_at(self, cid: int) -> float | None:
+        """When a held connection (its token waits for the back-off) is to be
+        woken with ``wake``; None if it is not held. Read nothing from it meanwhile."""
+        peer = self.peers.get(cid)
+        return None if peer is None or peer.doomed else peer.wake_at
+
+    def wake(self, cid: int, now: float) -> None:
+        peer = self.peers.get(cid)
+        if peer is None or peer.doomed or peer.wake_at is None or now < peer.wake_at:
+            return
+        peer.wake_at = None
+        if peer.refused:
+            # Said only now, after the back-off, and without any hint.
+            self._send(peer, Error("auth_failed", "authentication failed"))
+            self._close_after_flush(peer)
+        else:
+            self._judge(peer, now)
+
+    def set_tokens(self, tokens: list[bytes]) -> None:
+        """New tokens (a reload); authenticated connections stay."""
+        self.gate.tokens = tokens
 
     def _requests(self, peer: Peer, requests: list[Request], now: float) -> None:
         for request in requests:
             self._handle(peer, request, now)
-            if peer.closing or peer.doomed:
+            if peer.closing or peer.doomed or peer.wake_at is not None:
                 break
 
     def post(self, sender: str, text: str, now: float) -> None:
@@ -330,6 +391,13 @@ class Hub:
         if not peer.logged and not isinstance(request, (Hello, Fatal, Closed)):
             self._log_member(peer)
         match request:
+            case Auth(token=token):
+                wait = self.gate.wait(peer.host, now)
+                if wait > 0:  # this address failed lately: judged after its back-off
+                    peer.wake_at = now + wait
+                    peer.token = token
+                else:
+                    self._judge(peer, now, token)
             case Say(text=text, id=id_):
                 session = self.sessions.get(peer.session) if peer.session else None
                 if session is not None and id_ is not None and id_ in session.acked:
@@ -377,6 +445,26 @@ class Hub:
             case Closed():
                 self._leave(peer, "closed the connection")
                 self._close_after_flush(peer)
+
+    def _judge(self, peer: Peer, now: float, token: bytes | None = None) -> None:
+        if token is None:
+            token, peer.token = peer.token, b""
+        if self.gate.check(token):
+            self.gate.succeeded(peer.host)
+            peer.proto.authenticated()
+            log.info("%s authenticated", peer.address)
+            self._admit(peer)
+            return
+        delay = self.gate.failed(peer.host, now)
+        # The peer's doing, but an operator may want to see it: notice.
+        log.log(
+            NOTICE,
+            "Failed authentication from %s (answered after %.0f s)",
+            peer.address,
+            delay,
+        )
+        peer.refused = True
+        peer.wake_at = now + delay
 
     def _hello(self, peer: Peer, hello: Hello) -> None:
         cid = peer.cid

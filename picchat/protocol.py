@@ -9,10 +9,18 @@ Two wire formats share one port (docs/protocol.md is the specification):
 
 A server connection's states and transitions:
 
+    AWAIT_AUTH  --/auth line--> JUDGING (an Auth request; nothing more is
+                                         parsed until the hub decides)
+    JUDGING     --authenticated()--> AWAIT_FIRST
     AWAIT_FIRST --hello line--> JSON
     AWAIT_FIRST --other line--> PLAIN   (the line itself is plain chat)
     any         --EOF---------> CLOSED
     AWAIT_FIRST --bad hello---> CLOSED  (after a Fatal request)
+
+A connection starts in AWAIT_AUTH only where the server wants a token (a TCP
+peer on another machine): there, other lines are refused with an error and
+a hello ends the connection. Elsewhere a ``/auth`` line before the first
+line is ignored, so a client may always send its token first.
 
 Until its first line a connection is treated as plain (a listener that never
 types still gets the chat). Frames are encoded by ``encode`` once per format
@@ -28,6 +36,7 @@ from typing import Any
 
 from .events import (
     Ack,
+    Auth,
     Bye,
     Chat,
     Closed,
@@ -68,6 +77,8 @@ class Wire(Enum):
 
 
 class State(Enum):
+    AWAIT_AUTH = "await-auth"
+    JUDGING = "judging"
     AWAIT_FIRST = "await-first"
     PLAIN = "plain"
     JSON = "json"
@@ -229,8 +240,8 @@ class ServerConnection:
 
     __slots__ = ("_eof", "_reader", "state")
 
-    def __init__(self, max_line: int) -> None:
-        self.state = State.AWAIT_FIRST
+    def __init__(self, max_line: int, auth: bool = False) -> None:
+        self.state = State.AWAIT_AUTH if auth else State.AWAIT_FIRST
         self._reader = LineReader(max_line)
         self._eof = False  # the peer closed its end; lines may still wait
 
@@ -245,7 +256,18 @@ class ServerConnection:
     @property
     def backlog(self) -> bool:
         """Received lines (or the end of input) wait for ``next_requests``."""
-        return self.state is not State.CLOSED and (self._reader.backlog or self._eof)
+        if self.state in (State.CLOSED, State.JUDGING):
+            return False
+        return self._reader.backlog or self._eof
+
+    @property
+    def authenticating(self) -> bool:
+        return self.state in (State.AWAIT_AUTH, State.JUDGING)
+
+    def authenticated(self) -> None:
+        """The hub accepted the token: go on with the lines after it."""
+        if self.state is State.JUDGING:
+            self.state = State.AWAIT_FIRST
 
     def receive_data(
         self, data: bytes, limit: int | None = None, budget: int | None = None
@@ -267,13 +289,20 @@ class ServerConnection:
 
     def _requests(self, data: bytes, limit: int | None, budget: int | None) -> list[Request]:
         requests: list[Request] = []
+        if self.state is State.JUDGING:
+            self._reader.feed(data, 0)  # kept, unparsed, until the verdict
+            return requests
+        if self.state is State.AWAIT_AUTH:
+            limit = 1  # a line at a time: after /auth, nothing more until the verdict
         for item in self._reader.feed(data, limit, budget):
             if item is TOO_LONG:
                 requests.append(self._too_long())
             else:
                 requests.extend(self._line(item))
-            if self.state is State.CLOSED:
-                return requests
+            if self.state in (State.CLOSED, State.JUDGING):
+                return requests  # after /auth, the rest waits for the verdict
+        if self.state is State.AWAIT_AUTH and self._reader.backlog:
+            return requests  # one line per call until authenticated
         if self._eof and not self._reader.backlog:
             last = self._reader.take_partial()
             if last is TOO_LONG:
@@ -285,6 +314,8 @@ class ServerConnection:
         return requests
 
     def _too_long(self) -> Request:
+        if self.state is State.AWAIT_AUTH:
+            return Invalid("auth_required", AUTH_FIRST)
         if self.state is State.AWAIT_FIRST:
             self.state = State.PLAIN
         return Invalid(
@@ -293,6 +324,17 @@ class ServerConnection:
         )
 
     def _line(self, line: bytes) -> list[Request]:
+        token = _auth_token(line)
+        if self.state is State.AWAIT_AUTH:
+            if token is not None:
+                self.state = State.JUDGING
+                return [Auth(token)]
+            if line.startswith(HELLO_PREFIX):
+                self.state = State.CLOSED
+                return [Fatal("auth_required", AUTH_FIRST)]
+            return [Invalid("auth_required", AUTH_FIRST)] if line.strip() else []
+        if token is not None:
+            return []  # no token needed here: ignored, and the state is kept
         if self.state is State.AWAIT_FIRST:
             if line.startswith(HELLO_PREFIX):
                 return [self._hello(line)]
@@ -336,6 +378,16 @@ class ServerConnection:
             return Fatal("bad_hello", f"bad hello: {exc}")
         self.state = State.JSON
         return Hello(VERSION, name, member, client, session, resume)
+
+
+AUTH_FIRST = "this server needs a token first: send /auth TOKEN"
+_AUTH_RE = re.compile(rb"[ \t]*/auth(?:[ \t]+(\S*))?[ \t]*\Z", re.IGNORECASE)
+
+
+def _auth_token(line: bytes) -> bytes | None:
+    """The token of an ``/auth TOKEN`` line (b"" if it has none), else None."""
+    m = _AUTH_RE.match(line)
+    return None if m is None else (m.group(1) or b"")
 
 
 def _resume(value: Any) -> Resume | None:

@@ -18,6 +18,7 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 import stat
 import time
 from collections.abc import Callable
@@ -26,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, logs, systemd
-from .config import ConfigError, Settings, parse_serial_spec, socket_path
+from .auth import Gate, SecretError, is_loopback, load_tokens
+from .config import ConfigError, Settings, parse_serial_spec, socket_path, tls_host
 from .endpoints import console
 from .endpoints.fifo import FifoReader
 from .endpoints.listeners import (
@@ -41,6 +43,7 @@ from .hub import Hub
 from .loop import Loop, Timer
 from .room import CONSOLE_NAME
 from .sanitize import clean_bytes
+from .tls import TlsStream, server_context
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +70,30 @@ LIVE_SETTINGS = (
     "shutdown_timeout",
     "log_level",
     "log_chat",
+    "token_file",
+    "allow_anonymous",
+    "auth_backoff",
+    "login_timeout",
 )
 CONSOLE_CID = 0  # the hub's id for the server's own terminal (sockets start at 1)
+
+
+class Conn:
+    """One accepted socket, as the I/O layer sees it."""
+
+    __slots__ = ("sock", "address", "way", "user", "auth", "tls", "raw_out", "opened")
+
+    def __init__(
+        self, sock: socket.socket, address: str, way: str, user: str | None, auth: bool
+    ) -> None:
+        self.sock = sock
+        self.address = address
+        self.way = way  # tcp, unix or tls
+        self.user = user  # the local user behind a Unix socket connection
+        self.auth = auth  # must send a token before it is in the room
+        self.tls: TlsStream | None = None
+        self.raw_out = bytearray()  # TLS records the kernel has not taken yet
+        self.opened = True  # known to the hub (a TLS peer: once its handshake is done)
 
 
 class Server:
@@ -84,8 +109,9 @@ class Server:
         self.notifier = systemd.Notifier()
         self.loop = loop or Loop()
         self._writer = writer
-        self._socks: dict[int, socket.socket] = {}  # cid -> socket
-        self._listeners: list[tuple[socket.socket, bool]] = []  # (sock, is_tcp)
+        self._conns: dict[int, Conn] = {}
+        self._listeners: list[tuple[socket.socket, str]] = []  # (sock, "tcp"/"unix"/"tls")
+        self._tls_context: ssl.SSLContext | None = None
         self._unix_path: Path | None = None
         self._unix_ino: tuple[int, int] | None = None
         self._fifo: FifoReader | None = None
@@ -99,8 +125,12 @@ class Server:
         self._stopping = False
         self._stop_timer: Timer | None = None
         self.addresses: list[str] = []
+        self.gate = Gate((), settings.auth_backoff)
         self.hub = Hub(
-            history_id=secrets.token_hex(8), max_line=settings.max_line, **self._hub_limits()
+            history_id=secrets.token_hex(8),
+            max_line=settings.max_line,
+            gate=self.gate,
+            **self._hub_limits(),
         )
 
     # ---- start and stop ----------------------------------------------------
@@ -110,12 +140,19 @@ class Server:
         s = self.settings
         if not s.host and socket_path(s) is None and not s.fifo:
             raise ConfigError("nothing to listen on: set host, socket or fifo")
+        self.gate.tokens = _tokens(s)
+        if s.tls_port:
+            try:
+                self._tls_context = server_context(s.tls_cert, s.tls_key)
+            except SecretError as exc:
+                raise ConfigError(str(exc)) from None
         try:
             passed = systemd.listen_fds()
             if passed:
                 self._adopt(passed)
             else:
                 self._open_listeners()
+            self._check_exposure(s, self.gate.tokens)
             for text in s.serial:
                 spec = parse_serial_spec(text)
                 bridge = SerialBridge(
@@ -174,6 +211,8 @@ class Server:
         self.notifier.reloading()
         try:
             new = self._reload()
+            tokens = _tokens(new)
+            self._check_exposure(new, tokens)
         except ConfigError as exc:
             log.error("Reload failed, keeping the running settings: %s", exc)
             self.notifier.ready(self._status())
@@ -187,6 +226,10 @@ class Server:
         ]
         self.settings = old.replace(**{f: getattr(new, f) for f in changed})
         self.hub.reconfigure(**self._hub_limits())
+        if tokens != self.gate.tokens:  # the file may change while its name does not
+            changed.append("tokens")
+        self.gate.tokens = tokens
+        self.gate.backoff_max = self.settings.auth_backoff
         logs.set_level(self.settings.log_level)
         if changed:
             log.info("Reloaded: %s changed", ", ".join(f.replace("_", "-") for f in changed))
@@ -215,18 +258,39 @@ class Server:
         fifo = (s.fifo_name,) if s.fifo or self._fifo is not None else ()
         return fifo + tuple(parse_serial_spec(spec).name for spec in s.serial)
 
+    def _check_exposure(self, s: Settings, tokens: list[bytes]) -> None:
+        """Refuse to serve anyone beyond this machine without a token, unless
+        told to (allow-anonymous): mosquitto's lesson, with the fix spelled out."""
+        if s.allow_anonymous or tokens:
+            return
+        for sock, kind in self._listeners:
+            if kind != "unix" and not is_loopback(sock.getsockname()[0]):
+                where = tcp_address(sock)
+                raise ConfigError(
+                    f"refusing to listen on {where} without authentication: anyone who can "
+                    "reach it could read and post. Either add a token: token-file = "
+                    '"/etc/picchat/token" (one token per line, e.g. from `openssl rand -hex '
+                    "24`, readable only by the server's user) or PICCHAT_TOKEN in the "
+                    "environment; or set allow-anonymous = true to accept the risk. "
+                    "(docs/security.md)"
+                )
+
     def _open_listeners(self) -> None:
         s = self.settings
         if s.host:
             sock = open_tcp(s.host, s.port)
-            self._add_listener(sock, True)
+            self._add_listener(sock, "tcp")
             self.addresses.append(tcp_address(sock))
+        if s.tls_port and tls_host(s):
+            sock = open_tcp(tls_host(s), s.tls_port)
+            self._add_listener(sock, "tls")
+            self.addresses.append(f"{tcp_address(sock)} (TLS)")
         path = socket_path(s)
         if path is not None:
             sock = open_unix(path)
             st = os.stat(path)
             self._unix_path, self._unix_ino = path, (st.st_dev, st.st_ino)
-            self._add_listener(sock, False)
+            self._add_listener(sock, "unix")
             self.addresses.append(str(path))
         if s.fifo:
             self._fifo = FifoReader(Path(s.fifo), self.loop, self._fifo_line, s.max_line)
@@ -234,7 +298,7 @@ class Server:
 
     def _adopt(self, passed: list[tuple[int, str]]) -> None:
         """Serve on what systemd opened for us (socket activation). Each fd is
-        matched by its FileDescriptorName= ("tcp", "unix", "fifo"), else by kind."""
+        matched by its FileDescriptorName= ("tcp", "tls", "unix", "fifo"), else by kind."""
         for fd, name in passed:
             mode = os.fstat(fd).st_mode
             if stat.S_ISFIFO(mode) or name == "fifo":
@@ -249,10 +313,17 @@ class Server:
             sock = socket.socket(fileno=fd)
             sock.setblocking(False)
             if sock.family == socket.AF_UNIX or name == "unix":
-                self._add_listener(sock, False)
+                self._add_listener(sock, "unix")
                 self.addresses.append(f"{sock.getsockname()} (from systemd)")
+            elif name == "tls":
+                if self._tls_context is None:
+                    raise ConfigError(
+                        "systemd passed a socket named tls: set tls-port, tls-cert and tls-key"
+                    )
+                self._add_listener(sock, "tls")
+                self.addresses.append(f"{tcp_address(sock)} (TLS, from systemd)")
             else:
-                self._add_listener(sock, True)
+                self._add_listener(sock, "tcp")
                 self.addresses.append(f"{tcp_address(sock)} (from systemd)")
 
     def run(self) -> None:
@@ -269,7 +340,10 @@ class Server:
             return
         self._stopping = True
         self.notifier.stopping()
-        n = len(self._socks)
+        for cid, conn in list(self._conns.items()):
+            if not conn.opened:  # mid-handshake: nothing to tell it
+                self._drop(cid, "server stopped")
+        n = len(self._conns)
         log.info("Shutting down: telling %d connection%s", n, "" if n == 1 else "s")
         self._close_listeners()
         self.hub.shutdown("Server is shutting down. Bye!")
@@ -278,11 +352,11 @@ class Server:
         self.loop.call_soon(self._maybe_finished)
 
     def _maybe_finished(self) -> None:
-        if self._stopping and not self._socks:
+        if self._stopping and not self._conns:
             self._finish()
 
     def _finish(self) -> None:
-        for cid in list(self._socks):
+        for cid in list(self._conns):
             self._drop(cid, "server stopped")
         if self._stop_timer is not None:
             self._stop_timer.cancel()
@@ -295,7 +369,7 @@ class Server:
             self._console.close()
             self._console = None
         self._close_listeners()
-        for cid in list(self._socks):
+        for cid in list(self._conns):
             self._drop(cid, "server stopped")
         if self._fifo is not None:
             self._fifo.close()
@@ -325,11 +399,11 @@ class Server:
 
     # ---- accepting -------------------------------------------------------------
 
-    def _add_listener(self, sock: socket.socket, is_tcp: bool) -> None:
-        self._listeners.append((sock, is_tcp))
-        self.loop.add_reader(sock.fileno(), lambda: self._accept(sock, is_tcp))
+    def _add_listener(self, sock: socket.socket, kind: str) -> None:
+        self._listeners.append((sock, kind))
+        self.loop.add_reader(sock.fileno(), lambda: self._accept(sock, kind))
 
-    def _accept(self, listener: socket.socket, is_tcp: bool) -> None:
+    def _accept(self, listener: socket.socket, kind: str) -> None:
         s = self.settings
         for _ in range(ACCEPT_BATCH):
             try:
@@ -346,16 +420,17 @@ class Server:
                         EMFILE_PAUSE,
                     )
                     self.loop.remove_reader(listener.fileno())
-                    self.loop.call_later(
-                        EMFILE_PAUSE, lambda: self._resume_accept(listener, is_tcp)
-                    )
+                    self.loop.call_later(EMFILE_PAUSE, lambda: self._resume_accept(listener, kind))
                     return
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue
                 raise
             sock.setblocking(False)
             user = None
-            if is_tcp:
+            if kind == "unix":
+                address, user = unix_peer(sock)
+                auth = False  # the socket file's permissions are its access control
+            else:
                 address = (
                     f"{addr[0]}:{addr[1]}"
                     if sock.family == socket.AF_INET
@@ -363,50 +438,121 @@ class Server:
                 )
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 set_keepalive(sock, s.keepalive_idle, s.keepalive_interval, s.keepalive_count)
-            else:
-                address, user = unix_peer(sock)
-            if len(self._socks) >= s.max_clients:
+                auth = not s.allow_anonymous and not is_loopback(addr[0])
+            if len(self._conns) >= s.max_clients:
                 log.warning(
                     "Refused %s: %d connections already (max-clients)", address, s.max_clients
                 )
-                try:
-                    sock.send(f"! server full ({s.max_clients} connections); try later\n".encode())
-                except OSError:
-                    pass
+                if kind != "tls":  # plain text would only confuse a TLS client
+                    try:
+                        sock.send(
+                            f"! server full ({s.max_clients} connections); try later\n".encode()
+                        )
+                    except OSError:
+                        pass
                 sock.close()
                 continue
             cid = self._next_cid
             self._next_cid += 1
-            self._socks[cid] = sock
-            self.hub.open(cid, address, "tcp" if is_tcp else "unix", user)
+            conn = self._conns[cid] = Conn(sock, address, kind, user, auth)
+            if kind == "tls":
+                assert self._tls_context is not None
+                conn.tls = TlsStream(self._tls_context, server_side=True)
+                conn.opened = False  # the hub hears of it once the handshake is done
+            else:
+                self.hub.open(cid, address, kind, user, auth)
+            if conn.tls is not None or auth:
+                # Time to finish the handshake and /auth. A silent peer costs
+                # an fd and a few KiB until then, and delays no one.
+                self.loop.call_later(
+                    s.login_timeout, lambda cid=cid, conn=conn: self._login_deadline(cid, conn)
+                )
             self.loop.add_reader(sock.fileno(), lambda cid=cid: self._readable(cid))
             self._after_hub()
 
-    def _resume_accept(self, listener: socket.socket, is_tcp: bool) -> None:
+    def _resume_accept(self, listener: socket.socket, kind: str) -> None:
         if any(listener is sock for sock, _ in self._listeners):
-            self.loop.add_reader(listener.fileno(), lambda: self._accept(listener, is_tcp))
+            self.loop.add_reader(listener.fileno(), lambda: self._accept(listener, kind))
+
+    def _login_deadline(self, cid: int, conn: Conn) -> None:
+        if self._conns.get(cid) is not conn:
+            return
+        if not conn.opened:
+            what = "finish its TLS handshake"
+        elif self.hub.authenticating(cid):
+            what = "authenticate"
+        else:
+            return
+        log.info(
+            "Dropped %s: it did not %s within %g s (login-timeout)",
+            conn.address,
+            what,
+            self.settings.login_timeout,
+        )
+        self._drop(cid, "login timeout")
+        self._after_hub()
 
     # ---- reading -----------------------------------------------------------------
 
     def _readable(self, cid: int) -> None:
-        sock = self._socks[cid]
+        conn = self._conns[cid]
         try:
-            data = sock.recv(RECV_SIZE)
+            data = conn.sock.recv(RECV_SIZE)
         except BlockingIOError:
             return
         except OSError as exc:  # reset by peer and the like: foreseeable
             self._drop(cid, exc.strerror or "connection error")
             self._after_hub()
             return
-        if not data:
+        eof = not data
+        if conn.tls is not None:
+            plain = self._tls_input(cid, conn, data)
+            if plain is None:
+                return
+            data, eof = plain, conn.tls.eof
+        if eof:
             self._ended.add(cid)
-            self.loop.remove_reader(sock.fileno())
+            self.loop.remove_reader(conn.sock.fileno())
+        now = time.time()
         try:
-            self.hub.receive(cid, data, time.time(), LINES_PER_TURN, BYTES_PER_TURN)
+            if data:
+                self.hub.receive(cid, data, now, LINES_PER_TURN, BYTES_PER_TURN)
+            if eof:
+                self.hub.receive(cid, b"", now, LINES_PER_TURN, BYTES_PER_TURN)
         except Exception:
             self._internal_error(cid)
             return
-        self._input_done(cid, sock)
+        self._input_done(cid)
+
+    def _tls_input(self, cid: int, conn: Conn, raw: bytes) -> bytes | None:
+        """Raw bytes through TLS: the plaintext for the hub (b"" if none yet),
+        or None if there is nothing more to do (still in the handshake, or
+        the connection was dropped)."""
+        tls = conn.tls
+        assert tls is not None
+        try:
+            plain = tls.receive(raw)
+        except (ssl.SSLError, ConnectionError) as exc:
+            reason = getattr(exc, "reason", None) or str(exc)
+            log.info("TLS with %s failed: %s", conn.address, reason)
+            self._drop(cid, f"TLS failed: {reason}")
+            self._after_hub()
+            return None
+        if tls.output_pending:  # handshake replies, session tickets
+            self._flush(cid)
+            if cid not in self._conns:
+                self._after_hub()
+                return None
+        if not conn.opened:
+            if not tls.handshaken:
+                return None
+            conn.opened = True
+            log.debug("TLS from %s: %s", conn.address, tls.describe())
+            self.hub.open(cid, conn.address, "tls", None, conn.auth)
+        if not plain and not tls.eof:
+            self._after_hub()
+            return None
+        return plain
 
     def _internal_error(self, cid: int) -> None:
         # A bug of ours, triggered by what this peer sent: the tests must find
@@ -419,30 +565,48 @@ class Server:
         self._drop(cid, "internal error")
         self._after_hub()
 
-    def _input_done(self, cid: int, sock: socket.socket) -> None:
-        if self.hub.backlogged(cid):
+    def _input_done(self, cid: int) -> None:
+        conn = self._conns.get(cid)
+        if conn is None:
+            self._after_hub()
+            return
+        fd = conn.sock.fileno()
+        wake_at = self.hub.wake_at(cid)
+        if wake_at is not None:
+            # Held by the auth back-off: read nothing from it until then (a
+            # loop timer: nobody else waits).
+            self._pause(cid, fd)
+            self.loop.call_later(max(0.0, wake_at - time.time()), lambda: self._wake(cid))
+        elif self.hub.backlogged(cid):
             # A burst: handle the rest a slice per turn, after this turn's
             # output has gone out, and read nothing more from it meanwhile
             # (TCP flow control slows the sender down).
-            if cid not in self._paused:
-                self._paused.add(cid)
-                self.loop.remove_reader(sock.fileno())
+            self._pause(cid, fd)
             self.loop.call_later(0, lambda: self._continue_input(cid))
         elif cid in self._paused:
             self._paused.discard(cid)
             if cid not in self._ended:
-                self.loop.add_reader(sock.fileno(), lambda: self._readable(cid))
+                self.loop.add_reader(fd, lambda: self._readable(cid))
         self._after_hub()
 
+    def _pause(self, cid: int, fd: int) -> None:
+        if cid not in self._paused:
+            self._paused.add(cid)
+            self.loop.remove_reader(fd)
+
+    def _wake(self, cid: int) -> None:
+        if cid in self._conns:
+            self.hub.wake(cid, time.time())
+            self._input_done(cid)
+
     def _continue_input(self, cid: int) -> None:
-        sock = self._socks.get(cid)
-        if sock is not None:
+        if cid in self._conns:
             try:
                 self.hub.continue_input(cid, time.time(), LINES_PER_TURN, BYTES_PER_TURN)
             except Exception:
                 self._internal_error(cid)
                 return
-            self._input_done(cid, sock)
+            self._input_done(cid)
 
     def _console_line(self, text: str) -> None:
         if text.strip().lower() in ("/quit", "/exit"):
@@ -525,7 +689,7 @@ class Server:
         if self.notifier.enabled:  # no string to build outside systemd
             self.notifier.status(self._status())  # sent only when it changed
         for cid in self.hub.take_dirty():
-            if cid in self._socks:
+            if cid in self._conns:
                 self._flush(cid)
             elif cid in self._serial:
                 self._serial_output(self._serial[cid])
@@ -539,20 +703,13 @@ class Server:
             self._maybe_finished()
 
     def _flush(self, cid: int) -> None:
-        sock = self._socks[cid]
-        out = self.hub.output(cid)
+        conn = self._conns[cid]
+        out = self.hub.output(cid) if conn.opened else bytearray()
         while True:
-            while out:
-                try:
-                    n = sock.send(out)
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    self._drop(cid, exc.strerror or "send failed")
-                    return
-                del out[:n]
+            if not self._send(cid, conn, out):
+                return  # dropped
             # A resuming client's replay is copied in as the queue drains.
-            if out or not self.hub.replaying(cid):
+            if out or conn.raw_out or not conn.opened or not self.hub.replaying(cid):
                 break
             self.hub.refill(cid)
             if not out:
@@ -560,30 +717,61 @@ class Server:
         if out and self.hub.check_behind(cid):
             self._drop(cid, "too slow")
             return
-        fd = sock.fileno()
-        if out:
+        fd = conn.sock.fileno()
+        if out or conn.raw_out:
             if not self.loop.has_writer(fd):
                 self.loop.add_writer(fd, lambda: self._writable(cid))
         else:
             self.loop.remove_writer(fd)
-            if self.hub.should_close(cid):
+            if conn.opened and self.hub.should_close(cid):
                 self._drop(cid, "closed")
 
+    def _send(self, cid: int, conn: Conn, out: bytearray) -> bool:
+        """Send from ``out`` what the kernel takes (through TLS if any);
+        False if the connection failed and was dropped."""
+        sock, tls = conn.sock, conn.tls
+        try:
+            if tls is None:
+                while out:
+                    del out[: sock.send(out)]
+                return True
+            # TLS: encrypt a record only once the last one has gone, so at
+            # most one record of ciphertext waits besides the queue.
+            while True:
+                if tls.output_pending:
+                    conn.raw_out += tls.take_output()
+                while conn.raw_out:
+                    del conn.raw_out[: sock.send(conn.raw_out)]
+                if not out or not tls.handshaken:
+                    return True
+                del out[: tls.write(out)]
+        except BlockingIOError:
+            return True
+        except OSError as exc:
+            self._drop(cid, exc.strerror or "send failed")
+            return False
+
     def _writable(self, cid: int) -> None:
-        if cid in self._socks:
+        if cid in self._conns:
             self._flush(cid)
             if self._stopping:
                 self._maybe_finished()
 
     def _drop(self, cid: int, reason: str) -> None:
-        sock = self._socks.pop(cid, None)
-        if sock is None:
+        conn = self._conns.pop(cid, None)
+        if conn is None:
             return
         self._paused.discard(cid)
         self._ended.discard(cid)
-        self.loop.forget(sock.fileno())
-        sock.close()
-        self.hub.gone(cid, reason)
+        self.loop.forget(conn.sock.fileno())
+        if conn.tls is not None:
+            try:  # close_notify, best effort: the peer learns the end was meant
+                conn.sock.send(conn.tls.close())
+            except OSError:
+                pass
+        conn.sock.close()
+        if conn.opened:
+            self.hub.gone(cid, reason)
         self._want_presence()
 
     # ---- timers ----------------------------------------------------------------------
@@ -605,6 +793,13 @@ class Server:
                 self.loop.remove_writer(writer.fd)
 
         self.loop.add_writer(writer.fd, writable)
+
+
+def _tokens(s: Settings) -> list[bytes]:
+    try:
+        return load_tokens(s.token_file, os.environ.get("PICCHAT_TOKEN"))
+    except SecretError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def serve(
