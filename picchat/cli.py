@@ -41,6 +41,12 @@ def server_parser() -> Parser:
     )
     p.add_argument("--version", action="version", version=f"picchat {__version__}")
     p.add_argument(
+        "--print-fingerprint",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print the SHA-256 fingerprint of tls-cert (for clients to pin) and exit",
+    )
+    p.add_argument(
         "--config",
         metavar="PATH",
         default=argparse.SUPPRESS,
@@ -87,6 +93,7 @@ def server_main(argv: list[str] | None = None) -> int:
 
     args: dict[str, Any] = vars(server_parser().parse_args(argv))
     config_path = args.pop("config", None)
+    print_fingerprint = args.pop("print_fingerprint", False)
     try:
         settings = load(cli=args, config_path=config_path)
     except ConfigError as exc:
@@ -97,6 +104,8 @@ def server_main(argv: list[str] | None = None) -> int:
             return EX_USAGE
         print(f"{prefix}picchat-server: configuration error: {exc}", file=sys.stderr)
         return EX_CONFIG
+    if print_fingerprint:
+        return _print_fingerprint(settings.tls_cert)
     writer = logs.setup(settings.log_level, settings.log_buffer)
     try:
         serve(settings, writer, reload=lambda: load(cli=args, config_path=config_path))
@@ -116,6 +125,21 @@ def server_main(argv: list[str] | None = None) -> int:
     return EX_OK
 
 
+def _print_fingerprint(cert: str) -> int:
+    from .auth import SecretError
+    from .tls import cert_fingerprint
+
+    if not cert:
+        print("picchat-server: no tls-cert is set (config, env or --tls-cert)", file=sys.stderr)
+        return EX_CONFIG
+    try:
+        print(cert_fingerprint(cert))
+    except SecretError as exc:
+        print(f"picchat-server: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    return EX_OK
+
+
 def add_target_options(p: Parser) -> None:
     """Where the server is: the same options, and the same rule, for every client."""
     p.add_argument(
@@ -125,7 +149,44 @@ def add_target_options(p: Parser) -> None:
         "then /run/picchat/picchat.sock)",
     )
     p.add_argument("--host", help="server host (forces TCP; default 127.0.0.1)")
-    p.add_argument("--port", type=port, help="server TCP port (forces TCP; default 1234)")
+    p.add_argument(
+        "--port", type=port, help="server TCP port (forces TCP; default 1234, with TLS 1235)"
+    )
+    p.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help="file holding the token for a server on another machine, readable only by you "
+        "(env: PICCHAT_TOKEN holds the token itself)",
+    )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="connect with TLS (forces TCP); the server's certificate is checked by "
+        "--ca-file, or --fingerprint, or else trusted on first use and remembered in "
+        "~/.config/picchat/known_hosts",
+    )
+    p.add_argument(
+        "--fingerprint",
+        metavar="SHA256:...",
+        help="accept only the server certificate with this fingerprint (implies --tls; "
+        "`picchat-server --print-fingerprint` prints it)",
+    )
+    p.add_argument(
+        "--ca-file",
+        metavar="PATH",
+        help="verify the server's certificate with this CA (implies --tls)",
+    )
+
+
+def credentials(prog: str, args: argparse.Namespace) -> Any:
+    """The token and TLS trust from the options; exits 64 with the reason."""
+    from .credentials import from_options
+
+    try:
+        return from_options(args.token_file, args.tls, args.ca_file, args.fingerprint)
+    except ValueError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        raise SystemExit(EX_USAGE) from None
 
 
 def port(text: str) -> int:
@@ -186,6 +247,7 @@ def send_main(argv: list[str] | None = None) -> int:
             name=args.name,
             wait=args.wait,
             timeout=args.timeout,
+            creds=credentials("picchat-send", args),
         )
     except SendError as exc:
         print(f"picchat-send: {exc}", file=sys.stderr)
@@ -236,7 +298,13 @@ def client_main(argv: list[str] | None = None) -> int:
         return EX_USAGE
     try:
         return run_client(
-            args.socket, args.host, args.port, args.name, args.retry, args.max_pending
+            args.socket,
+            args.host,
+            args.port,
+            args.name,
+            args.retry,
+            args.max_pending,
+            credentials("picchat-client", args),
         )
     except KeyboardInterrupt:
         return 130

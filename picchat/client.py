@@ -16,19 +16,22 @@ import os
 import random
 import signal
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 
 from . import __version__
 from .client_session import ClientSession, Closing, NameChanged, Output, Show
 from .config import client_socket_paths
+from .credentials import DEFAULT_TLS_PORT, Credentials
 from .editor import Editor, Line, QuitRequest
 from .endpoints.listeners import set_keepalive
 from .exits import EX_NOPERM, EX_OK, EX_PROTOCOL
 from .framing import TOO_LONG, LineReader
 from .loop import Loop, Timer
-from .protocol import ClientConnection, ProtocolError
+from .protocol import AuthRefused, ClientConnection, ProtocolError
 from .terminal import RawTerminal, width, write_all
+from .tls import CertificateMismatch, TlsStream
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 1234
@@ -48,13 +51,19 @@ class Target:
 
     @property
     def label(self) -> str:
-        return self.path or f"{self.host}:{self.port}"
+        if self.path:
+            return self.path
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-def choose_target(socket_path: str | None, host: str | None, port: int | None) -> Target:
-    """--host/--port force TCP; else the local socket if it exists; else TCP."""
-    if host is not None or port is not None:
-        return Target(None, host or DEFAULT_HOST, port or DEFAULT_PORT)
+def choose_target(
+    socket_path: str | None, host: str | None, port: int | None, tls: bool = False
+) -> Target:
+    """--host/--port/--tls force TCP; else the local socket if it exists; else TCP."""
+    if host is not None or port is not None or tls:
+        return Target(
+            None, host or DEFAULT_HOST, port or (DEFAULT_TLS_PORT if tls else DEFAULT_PORT)
+        )
     if socket_path:
         return Target(socket_path)
     for path in client_socket_paths():
@@ -93,8 +102,10 @@ class InteractiveClient:
         stdin: int = 0,
         stdout: int = 1,
         loop: Loop | None = None,
+        creds: Credentials | None = None,
     ) -> None:
         self.target = target
+        self.creds = creds or Credentials()
         self.retry = retry
         self.loop = loop or Loop()
         self.session = ClientSession(name, max_pending, f"picchat-client/{__version__}")
@@ -107,6 +118,8 @@ class InteractiveClient:
         self._sock: socket.socket | None = None
         self._conn: ClientConnection | None = None
         self._out = bytearray()
+        self._tls: TlsStream | None = None
+        self._raw_out = bytearray()  # TLS records the kernel has not taken yet
         self._connecting = False
         self._ever_connected = False
         self._retry_timer: Timer | None = None
@@ -174,7 +187,11 @@ class InteractiveClient:
                     self.editor.max_bytes = max(64, self.session.max_line // 2 - 64)
                     self._write(self.editor.set_prompt(self._prompt()))
             elif isinstance(o, Closing):
-                self._stop(EX_PROTOCOL if o.failed else EX_OK)
+                if o.denied:
+                    self._show("! give the token with --token-file FILE (or PICCHAT_TOKEN)")
+                    self._stop(EX_NOPERM)
+                else:
+                    self._stop(EX_PROTOCOL if o.failed else EX_OK)
 
     def _resized(self) -> None:
         if self.editor is not None:
@@ -292,7 +309,18 @@ class InteractiveClient:
             set_keepalive(sock, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
         self._conn = ClientConnection()
         self.loop.add_reader(sock.fileno(), self._readable)
-        self._send(self.session.hello())
+        if self.creds.tls:
+            self._tls = TlsStream(
+                self.creds.context(), server_side=False, server_hostname=self.target.host
+            )
+            self._tls.start()
+            self._flush()
+            return
+        self._greet()
+
+    def _greet(self) -> None:
+        auth = self.creds.auth_line() if self.target.path is None else b""
+        self._send(auth + self.session.hello())
 
     def _connect_failed(self, reason: str) -> None:
         if not self._announced_down:
@@ -318,11 +346,19 @@ class InteractiveClient:
         except OSError as exc:
             self._lost(exc.strerror or "connection error")
             return
+        if self._tls is not None:
+            data = self._tls_input(data)
+            if data is None:
+                return
         if not data:
             self._lost("the server closed the connection")
             return
         try:
             frames = self._conn.receive_data(data)
+        except AuthRefused as exc:
+            self._show(f"! {exc}; check --token-file (or PICCHAT_TOKEN)")
+            self._stop(EX_NOPERM)
+            return
         except ProtocolError as exc:
             self._show(f"! {exc}")
             self._stop(EX_PROTOCOL)
@@ -340,7 +376,50 @@ class InteractiveClient:
                 self._ever_connected = True
             self._send(reply)
             self._handle(outputs)
+        if self._tls is not None and self._tls.eof and self._sock is not None:
+            self._lost("the server closed the connection")
+            return
         self._maybe_done()
+
+    def _tls_input(self, raw: bytes) -> bytes | None:
+        """Raw bytes through TLS: plaintext (b"": the end), or None if there
+        is nothing to hand on (mid-handshake, or we stopped)."""
+        tls = self._tls
+        assert tls is not None
+        was_handshaken = tls.handshaken
+        try:
+            plain = tls.receive(raw)
+        except ssl.SSLCertVerificationError as exc:
+            self._show(
+                f"! the certificate of {self.target.label} does not verify with the CA file: "
+                f"{exc.verify_message}"
+            )
+            self._stop(EX_PROTOCOL)
+            return None
+        except ssl.SSLError as exc:
+            self._show(
+                f"! TLS with {self.target.label} failed ({exc.reason or exc}); "
+                "is it picchat's TLS port (tls-port)?"
+            )
+            self._stop(EX_PROTOCOL)
+            return None
+        except ConnectionError:
+            self._lost("the server closed the connection during the TLS handshake")
+            return None
+        if tls.handshaken and not was_handshaken:
+            try:
+                notice = self.creds.check(tls.peer_certificate(), self.target.label)
+            except CertificateMismatch as exc:
+                self._show(f"! {exc}")
+                self._stop(EX_PROTOCOL)
+                return None
+            if notice:
+                self._show(f"* {notice}")
+            self._greet()
+        self._flush()
+        if tls.eof:
+            return plain  # b"": the end; else the end comes after these lines
+        return plain or None
 
     def _lost(self, reason: str) -> None:
         was = self.session.connected
@@ -363,16 +442,26 @@ class InteractiveClient:
         sock = self._sock
         if sock is None:
             return
-        while self._out:
-            try:
-                n = sock.send(self._out)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                self._lost(exc.strerror or "send failed")
-                return
-            del self._out[:n]
-        if self._out:
+        tls = self._tls
+        try:
+            if tls is None:
+                while self._out:
+                    del self._out[: sock.send(self._out)]
+            else:
+                while True:
+                    if tls.output_pending:
+                        self._raw_out += tls.take_output()
+                    while self._raw_out:
+                        del self._raw_out[: sock.send(self._raw_out)]
+                    if not self._out or not tls.handshaken:
+                        break
+                    del self._out[: tls.write(self._out)]
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            self._lost(exc.strerror or "send failed")
+            return
+        if (self._out and (tls is None or tls.handshaken)) or self._raw_out:
             self.loop.add_writer(sock.fileno(), self._flush)
         else:
             self.loop.remove_writer(sock.fileno())
@@ -384,6 +473,8 @@ class InteractiveClient:
             self._sock = None
         self._conn = None
         self._out.clear()
+        self._tls = None
+        self._raw_out.clear()
         self._connecting = False
         if self._retry_timer is not None:
             self._retry_timer.cancel()
@@ -397,9 +488,11 @@ def run_client(
     name: str | None,
     retry: float,
     max_pending: int,
+    creds: Credentials | None = None,
 ) -> int:
-    target = choose_target(socket_path, host, port)
-    return InteractiveClient(target, name, retry=retry, max_pending=max_pending).run()
+    creds = creds or Credentials()
+    target = choose_target(socket_path, host, port, creds.tls)
+    return InteractiveClient(target, name, retry=retry, max_pending=max_pending, creds=creds).run()
 
 
 if __name__ == "__main__":  # python3 -m picchat.client, from a checkout

@@ -50,6 +50,7 @@ class Closing:
 
     reason: str
     failed: bool = False
+    denied: bool = False  # the server wants a token we do not have (exit 77)
 
 
 Output = Show | NameChanged | Closing
@@ -170,7 +171,9 @@ class ClientSession:
             id_ = frame.get("id")
             if id_ is not None and str(id_) in self.unacked:
                 self.unacked.pop(str(id_))  # refused for good: do not resend
-            if not self.connected and frame.get("code") in ("version", "bad_hello"):
+            if not self.connected and frame.get("code") == "auth_required":
+                out.append(Closing(str(frame.get("text")), failed=True, denied=True))
+            elif not self.connected and frame.get("code") in ("version", "bad_hello"):
                 out.append(Closing(str(frame.get("text")), failed=True))
             return b"", out
         if kind == "renamed":

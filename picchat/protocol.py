@@ -89,6 +89,13 @@ class ProtocolError(Exception):
     """The other side broke the protocol (raised on the client side only)."""
 
 
+class AuthRefused(ProtocolError):
+    """The server refused our token (``! authentication failed``)."""
+
+
+AUTH_FAILED = b"! authentication failed"  # the server's answer to a wrong token
+
+
 # ---- encoding -------------------------------------------------------------
 
 
@@ -309,6 +316,8 @@ class ServerConnection:
                 requests.append(self._too_long())
             elif last:
                 requests.extend(self._line(last))
+                if self.state is State.JUDGING:
+                    return requests  # an unterminated /auth: the end waits for the verdict
             self.state = State.CLOSED
             requests.append(Closed())
         return requests
@@ -324,6 +333,10 @@ class ServerConnection:
         )
 
     def _line(self, line: bytes) -> list[Request]:
+        if line.startswith(TLS_RECORD) and self.state in (State.AWAIT_AUTH, State.AWAIT_FIRST):
+            # A TLS client on the plain port: its handshake is not chat.
+            self.state = State.CLOSED
+            return [Fatal("plain_port", PLAIN_PORT)]
         token = _auth_token(line)
         if self.state is State.AWAIT_AUTH:
             if token is not None:
@@ -381,6 +394,8 @@ class ServerConnection:
 
 
 AUTH_FIRST = "this server needs a token first: send /auth TOKEN"
+TLS_RECORD = b"\x16\x03"  # a TLS handshake record, as every TLS client starts
+PLAIN_PORT = "this is picchat's plain-text port: connect with TLS to its tls-port instead"
 _AUTH_RE = re.compile(rb"[ \t]*/auth(?:[ \t]+(\S*))?[ \t]*\Z", re.IGNORECASE)
 
 
@@ -494,6 +509,8 @@ class ClientConnection:
                 # Only "PICCHAT/<digits> ..." is the reply; anything else (the
                 # plain greeting, chat, "! server full") is for people.
                 if not _REPLY_RE.match(item):
+                    if item == AUTH_FAILED:
+                        raise AuthRefused("the server refused our token (authentication failed)")
                     self.last_plain = item.decode("utf-8", "replace")
                     continue
                 frame = self._hello_reply(item)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import getpass
 import os
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -18,9 +19,17 @@ from pathlib import Path
 
 from . import __version__
 from .config import client_socket_paths
+from .credentials import DEFAULT_TLS_PORT, Credentials
 from .exits import EX_DATAERR, EX_NOPERM, EX_PROTOCOL, EX_TEMPFAIL, EX_UNAVAILABLE
-from .protocol import ClientConnection, ProtocolError, encode_hello, encode_request
+from .protocol import (
+    AuthRefused,
+    ClientConnection,
+    ProtocolError,
+    encode_hello,
+    encode_request,
+)
 from .room import NAME_MAX
+from .tls import CertificateMismatch
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 1234
@@ -60,9 +69,13 @@ def _path_exists(path: Path) -> bool:
 
 
 def _connect_once(
-    socket_path: str | None, host: str | None, port: int | None, timeout: float
+    socket_path: str | None,
+    host: str | None,
+    port: int | None,
+    timeout: float,
+    creds: Credentials,
 ) -> tuple[socket.socket, str]:
-    tcp_only = host is not None or port is not None
+    tcp_only = host is not None or port is not None or creds.tls
     tried = []
     if not tcp_only:
         if socket_path:
@@ -89,7 +102,7 @@ def _connect_once(
                         f"no picchat server at {path}: {exc.strerror}", EX_UNAVAILABLE
                     ) from None
                 tried.append(f"{path} ({exc.strerror})")  # stale: try TCP
-    target = (host or DEFAULT_HOST, port or DEFAULT_PORT)
+    target = (host or DEFAULT_HOST, port or (DEFAULT_TLS_PORT if creds.tls else DEFAULT_PORT))
     try:
         sock = socket.create_connection(target, timeout=timeout)
     except OSError as exc:
@@ -100,16 +113,55 @@ def _connect_once(
             "running? (--wait SECONDS waits for it)",
             EX_UNAVAILABLE,
         ) from None
-    return sock, f"{target[0]}:{target[1]}"
+    where = f"[{target[0]}]:{target[1]}" if ":" in target[0] else f"{target[0]}:{target[1]}"
+    if creds.tls:
+        sock = _start_tls(sock, target[0], where, creds)
+    return sock, where
+
+
+def _start_tls(sock: socket.socket, host: str, where: str, creds: Credentials) -> socket.socket:
+    """The handshake (blocking, within the timeout), then the certificate check."""
+    try:
+        tls = creds.context().wrap_socket(sock, server_hostname=host)
+    except ssl.SSLCertVerificationError as exc:
+        sock.close()
+        raise SendError(
+            f"the certificate of {where} does not verify with the CA file: {exc.verify_message}",
+            EX_PROTOCOL,
+        ) from None
+    except TimeoutError:
+        sock.close()
+        raise SendError(f"the TLS handshake with {where} timed out", EX_TEMPFAIL) from None
+    except (ssl.SSLError, OSError) as exc:
+        sock.close()
+        raise SendError(
+            f"TLS with {where} failed ({getattr(exc, 'reason', None) or exc}); is it "
+            "picchat's TLS port (tls-port)?",
+            EX_PROTOCOL,
+        ) from None
+    try:
+        notice = creds.check(tls.getpeercert(binary_form=True), where)
+    except CertificateMismatch as exc:
+        tls.close()
+        raise SendError(str(exc), EX_PROTOCOL) from None
+    if notice:
+        print(f"picchat-send: {notice}", file=sys.stderr)
+    return tls
 
 
 def connect(
-    socket_path: str | None, host: str | None, port: int | None, wait: float, timeout: float
+    socket_path: str | None,
+    host: str | None,
+    port: int | None,
+    wait: float,
+    timeout: float,
+    creds: Credentials | None = None,
 ) -> tuple[socket.socket, str]:
+    creds = creds or Credentials()
     deadline = time.monotonic() + wait
     while True:
         try:
-            return _connect_once(socket_path, host, port, timeout)
+            return _connect_once(socket_path, host, port, timeout, creds)
         except SendError as exc:
             left = deadline - time.monotonic()
             if exc.exit_code != EX_UNAVAILABLE or left <= 0:
@@ -165,6 +217,11 @@ class _Session:
                 )
             try:
                 self.frames.extend(self.client.receive_data(data))
+            except AuthRefused:
+                raise SendError(
+                    f"the server at {self.where} refused our token (authentication failed)",
+                    EX_NOPERM,
+                ) from None
             except ProtocolError as exc:
                 raise SendError(str(exc), EX_PROTOCOL) from None
         return self.frames.pop(0)
@@ -196,19 +253,27 @@ def send(
     name: str | None = None,
     wait: float = 0.0,
     timeout: float = 10.0,
+    creds: Credentials | None = None,
 ) -> int:
     """Send every line of ``message``; returns how many the server refused."""
-    sock, where = connect(socket_path, host, port, wait, timeout)
+    creds = creds or Credentials()
+    sock, where = connect(socket_path, host, port, wait, timeout, creds)
     with sock:
         s = _Session(sock, where, timeout)
         s.send(
-            encode_hello(
+            (creds.auth_line() if sock.family != socket.AF_UNIX else b"")
+            + encode_hello(
                 _text(name) if name else default_name(),
                 member=False,
                 client=f"picchat-send/{__version__}",
             )
         )
         welcome = s.next_frame()
+        if welcome.get("code") == "auth_required":
+            raise SendError(
+                f"the server at {where} needs a token: give --token-file FILE (or PICCHAT_TOKEN)",
+                EX_NOPERM,
+            )
         if welcome.get("type") != "welcome":
             code = EX_DATAERR if welcome.get("code") == "bad_name" else EX_PROTOCOL
             raise SendError(f"the server refused us: {welcome.get('text', welcome)}", code)
@@ -252,10 +317,11 @@ def send(
                 settle_one()
         while pending:
             settle_one()
-        try:
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+        if not isinstance(sock, ssl.SSLSocket):  # shutdown() would end TLS unannounced
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
         return refused
 
 

@@ -1,0 +1,72 @@
+"""What a client presents and checks: its token, and how it trusts the
+server's certificate. One object for picchat-send and picchat-client.
+
+The token comes from ``--token-file`` (a file only its owner may read) or the
+PICCHAT_TOKEN environment variable, never from the command line, where
+``ps`` would show it. It is sent as the first line, ``/auth TOKEN``; a server
+that needs none ignores that line, so a client may always send it.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .auth import SecretError, parse_tokens, read_secret
+from .tls import KnownHosts, check_server, client_context, known_hosts_path, parse_fingerprint
+
+DEFAULT_TLS_PORT = 1235  # what `install.sh --tls` configures
+
+
+@dataclass(frozen=True)
+class Credentials:
+    token: bytes | None = field(default=None, repr=False)
+    tls: bool = False
+    ca_file: str | None = None
+    pin: str | None = None  # SHA256:<base64>
+    known_hosts: Path = field(default_factory=known_hosts_path)
+
+    def auth_line(self) -> bytes:
+        return b"/auth " + self.token + b"\n" if self.token else b""
+
+    def context(self) -> ssl.SSLContext:
+        return client_context(self.ca_file)
+
+    def check(self, der: bytes | None, label: str) -> str | None:
+        """After the handshake: a notice to show (a first fingerprint was
+        recorded) or None; raises tls.CertificateMismatch. A CA file has
+        verified the certificate already (in the handshake)."""
+        if self.ca_file:
+            return None
+        return check_server(der, label, self.pin, KnownHosts(self.known_hosts))
+
+
+def from_options(
+    token_file: str | None,
+    tls: bool,
+    ca_file: str | None,
+    fingerprint: str | None,
+    env: Mapping[str, str] | None = None,
+) -> Credentials:
+    """Raises ValueError with a message for the user (a usage error)."""
+    env = os.environ if env is None else env
+    token = None
+    try:
+        if token_file:
+            tokens = parse_tokens(read_secret(token_file), token_file)
+            if not tokens:
+                raise ValueError(f"token file {token_file} holds no token")
+            token = tokens[0]
+        elif env.get("PICCHAT_TOKEN"):
+            token = parse_tokens(env["PICCHAT_TOKEN"].encode(), "PICCHAT_TOKEN")[0]
+    except SecretError as exc:
+        raise ValueError(str(exc)) from None
+    except IndexError:
+        raise ValueError("PICCHAT_TOKEN is empty") from None
+    pin = parse_fingerprint(fingerprint) if fingerprint else None
+    if ca_file and pin:
+        raise ValueError("give --ca-file or --fingerprint, not both")
+    return Credentials(token, tls or bool(ca_file or pin), ca_file, pin)
