@@ -5,6 +5,9 @@
 #   deploy/deploy.sh pi@raspberrypi.local
 #   deploy/deploy.sh --user pi --port 22 --identity ~/.ssh/id_ed25519 raspberrypi.local
 #   deploy/deploy.sh --dry-run pi@raspberrypi.local
+#   deploy/deploy.sh --tls pi@raspberrypi.local     also a self-signed TLS certificate
+#                                                   on the Pi (kept if there is one);
+#                                                   prints what to pin here
 #   deploy/deploy.sh --uninstall [--purge] pi@raspberrypi.local
 #
 # It packs this checkout, copies it with install.sh to the Pi, and runs
@@ -13,7 +16,7 @@
 set -eu
 
 usage() {
-    echo "usage: $0 [--user USER] [--port SSH_PORT] [--identity KEY] [--dry-run] [--uninstall [--purge]] HOST" >&2
+    echo "usage: $0 [--user USER] [--port SSH_PORT] [--identity KEY] [--dry-run] [--tls] [--uninstall [--purge]] HOST" >&2
     exit 64
 }
 
@@ -22,12 +25,15 @@ port=""
 identity=""
 host=""
 install_args=""
+tls=0
+dry_run=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --user) [ $# -ge 2 ] || usage; user=$2; shift ;;
         --port) [ $# -ge 2 ] || usage; port=$2; shift ;;
         --identity) [ $# -ge 2 ] || usage; identity=$2; shift ;;
-        --dry-run) install_args="$install_args --dry-run" ;;
+        --dry-run) install_args="$install_args --dry-run"; dry_run=1 ;;
+        --tls) install_args="$install_args --tls"; tls=1 ;;
         --uninstall) install_args="$install_args --uninstall" ;;
         --purge) install_args="$install_args --purge" ;;
         -h|--help) usage ;;
@@ -93,11 +99,22 @@ rdir=$(ssh "$@" "$target" 'mktemp -d /tmp/picchat-deploy.XXXXXX')
 scp -q "$@" "$work/picchat.tar" "$target:$rdir/picchat.tar"
 
 step "running install.sh$install_args on $target"
-status=0
+# Its output is shown as it comes, and kept (for the TLS fingerprint).
 # Expanded here on purpose: the remote command is built from our own values.
 # shellcheck disable=SC2029
-ssh "$@" "$target" "cd $rdir && tar -xf picchat.tar && $sudo sh deploy/install.sh$install_args" || status=$?
+{ ssh "$@" "$target" "cd $rdir && tar -xf picchat.tar && $sudo sh deploy/install.sh$install_args" ||
+    echo $? >"$work/status"; } | tee "$work/install.out"
+status=$(cat "$work/status" 2>/dev/null || echo 0)
 # shellcheck disable=SC2029
 ssh "$@" "$target" "rm -rf $rdir" || true
 [ "$status" -eq 0 ] || fail "install.sh failed on $target (exit $status); see its messages above" "$status"
+if [ "$tls" -eq 1 ] && [ "$dry_run" -eq 0 ]; then
+    # install.sh names the Pi as it knows itself; here it is $host.
+    pin=$(sed -n 's/^picchat: clients pin it with: picchat-client --host [^ ]* //p' "$work/install.out" | tail -n 1)
+    if [ -n "$pin" ]; then
+        step "from this machine: picchat-client --host $host $pin"
+    else
+        echo "deploy: warning: install.sh printed no TLS fingerprint; on the Pi: picchat-server --config /etc/picchat/picchat.toml --print-fingerprint" >&2
+    fi
+fi
 step "done"

@@ -4,15 +4,21 @@
 #
 #   sudo deploy/install.sh              install or upgrade, enable and start
 #   sudo deploy/install.sh --dry-run    say what would change, change nothing
+#   sudo deploy/install.sh --tls        also a self-signed TLS certificate in
+#                                       /etc/picchat/tls (an existing one is kept),
+#                                       and print its fingerprint for clients to pin
 #   sudo deploy/install.sh --uninstall [--purge]
 #
 # Idempotent: a second run changes nothing (file times and the service's
-# MainPID stay) and says so. Uninstalling keeps /etc/picchat and the state
-# directory /var/lib/picchat unless --purge.
+# MainPID stay) and says so. Uninstalling keeps /etc/picchat (the settings and
+# the TLS certificate) and the state directory /var/lib/picchat unless --purge.
 set -eu
 
 PREFIX=/opt/picchat
 CONF_DIR=/etc/picchat
+CONF=$CONF_DIR/picchat.toml
+TLS_DIR=$CONF_DIR/tls
+TLS_PORT=1235
 UNIT_DIR=/etc/systemd/system
 BIN_DIR=/usr/local/bin
 SERVICE=picchat-server.service
@@ -23,10 +29,11 @@ SRC=$(cd "$(dirname "$0")/.." && pwd)
 dry_run=0
 uninstall=0
 purge=0
+tls=0
 changed=0
 
 usage() {
-    echo "usage: $0 [--dry-run] [--uninstall [--purge]]" >&2
+    echo "usage: $0 [--dry-run] [--tls] [--uninstall [--purge]]" >&2
     exit 64
 }
 
@@ -35,12 +42,14 @@ while [ $# -gt 0 ]; do
         --dry-run) dry_run=1 ;;
         --uninstall) uninstall=1 ;;
         --purge) purge=1 ;;
+        --tls) tls=1 ;;
         -h|--help) usage ;;
         *) echo "install.sh: unknown option $1" >&2; usage ;;
     esac
     shift
 done
 [ "$purge" -eq 0 ] || [ "$uninstall" -eq 1 ] || { echo "install.sh: --purge goes with --uninstall" >&2; exit 64; }
+[ "$tls" -eq 0 ] || [ "$uninstall" -eq 0 ] || { echo "install.sh: --tls does not go with --uninstall (the certificate is kept unless --purge)" >&2; exit 64; }
 
 say() { echo "picchat: $*"; }
 fail() { echo "picchat: error: $1" >&2; exit "${2:-1}"; }
@@ -52,6 +61,17 @@ run() {
         echo "  would run: $*"
     else
         "$@"
+    fi
+}
+
+# Like run, but the command's own chatter is shown only if it fails.
+run_quietly() {
+    changed=1
+    if [ "$dry_run" -eq 1 ]; then
+        echo "  would run: $*"
+    elif ! "$@" 2>"$tmp/stderr"; then
+        cat "$tmp/stderr" >&2
+        fail "$1 failed (its message is above); nothing was put in place" 73
     fi
 }
 
@@ -81,6 +101,17 @@ if [ "$uninstall" -eq 0 ]; then
     [ "$free_kib" -ge 20480 ] ||
         fail "not enough disk space: $((free_kib / 1024)) MiB free for $PREFIX, picchat needs about 20 MiB; free some (sudo apt clean, old logs) and run me again" 73
 fi
+if [ "$tls" -eq 1 ]; then
+    # Never replace a certificate or a key, and never pair a new one with an old one.
+    if [ -e "$TLS_DIR/cert.pem" ] && [ ! -e "$TLS_DIR/key.pem" ]; then
+        fail "$TLS_DIR/cert.pem is there but not its key $TLS_DIR/key.pem: put the key back, or remove the certificate to get a new pair" 78
+    elif [ -e "$TLS_DIR/key.pem" ] && [ ! -e "$TLS_DIR/cert.pem" ]; then
+        fail "$TLS_DIR/key.pem is there but not its certificate $TLS_DIR/cert.pem: put it back, or remove the key to get a new pair" 78
+    elif [ ! -e "$TLS_DIR/cert.pem" ]; then
+        command -v openssl >/dev/null 2>&1 ||
+            fail "openssl is missing; --tls needs it to make a certificate: sudo apt install openssl" 69
+    fi
+fi
 
 # ---- uninstall -------------------------------------------------------------------
 
@@ -103,7 +134,7 @@ if [ "$uninstall" -eq 1 ]; then
         done
         if id "$USER_NAME" >/dev/null 2>&1; then say "removing user $USER_NAME"; run userdel "$USER_NAME"; fi
     else
-        say "kept $CONF_DIR and /var/lib/picchat; --purge removes them"
+        say "kept $CONF_DIR (settings, TLS certificate) and /var/lib/picchat; --purge removes them"
     fi
     [ "$changed" -eq 1 ] || say "nothing to remove"
     exit 0
@@ -145,7 +176,7 @@ if [ -d "$PREFIX/$site/picchat" ]; then
 fi
 
 tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
+trap 'rm -rf "$tmp"; rm -f "$TLS_DIR/key.pem.new" "$TLS_DIR/cert.pem.new"' EXIT
 for cmd in $COMMANDS; do
     case "$cmd" in
         picchat-server) main=server_main ;;
@@ -162,8 +193,75 @@ for cmd in $COMMANDS; do
 done
 
 # The settings: the example only where there is none yet (never over an edited one).
-if [ ! -e "$CONF_DIR/picchat.toml" ]; then
-    install_file "$SRC/deploy/picchat.toml" "$CONF_DIR/picchat.toml" 0644 || true
+# With --tls: the example with TLS switched on, where there is none yet or only
+# the untouched example; an edited file is left alone and we say what to add.
+config_changed=0
+tls_lines=""
+if [ "$tls" -eq 0 ]; then
+    if [ ! -e "$CONF" ]; then
+        install_file "$SRC/deploy/picchat.toml" "$CONF" 0644 || true
+    fi
+else
+    sed -e "s|^#tls-port = .*|tls-port = $TLS_PORT|" \
+        -e "s|^#tls-cert = .*|tls-cert = \"$TLS_DIR/cert.pem\"|" \
+        -e "s|^#tls-key = .*|tls-key = \"$TLS_DIR/key.pem\"|" \
+        "$SRC/deploy/picchat.toml" >"$tmp/picchat.toml"
+    if [ ! -e "$CONF" ] || cmp -s "$SRC/deploy/picchat.toml" "$CONF"; then
+        say "writing $CONF: the example with TLS on port $TLS_PORT (tls-port, tls-cert, tls-key)"
+        run install -D -m 0644 "$tmp/picchat.toml" "$CONF"
+        config_changed=1
+    elif ! cmp -s "$tmp/picchat.toml" "$CONF"; then
+        # Edited by hand: which of the three settings it still lacks (or has off).
+        grep -Eq '^[[:space:]]*tls[-_]port[[:space:]]*=[[:space:]]*[1-9]' "$CONF" ||
+            tls_lines="$tls_lines    tls-port = $TLS_PORT
+"
+        grep -Eq '^[[:space:]]*tls[-_]cert[[:space:]]*=[[:space:]]*["'\''][^"'\'']' "$CONF" ||
+            tls_lines="$tls_lines    tls-cert = \"$TLS_DIR/cert.pem\"
+"
+        grep -Eq '^[[:space:]]*tls[-_]key[[:space:]]*=[[:space:]]*["'\''][^"'\'']' "$CONF" ||
+            tls_lines="$tls_lines    tls-key = \"$TLS_DIR/key.pem\"
+"
+    fi
+fi
+
+# ---- TLS (--tls): a self-signed certificate, made once and never replaced -----------
+
+tls_changed=0
+if [ "$tls" -eq 1 ]; then
+    if [ ! -d "$TLS_DIR" ]; then
+        say "creating $TLS_DIR (root:$USER_NAME, 0750)"
+        run install -d -o root -g "$USER_NAME" -m 0750 "$TLS_DIR"
+    elif [ "$(stat -c '%U:%G %a' "$TLS_DIR")" != "root:$USER_NAME 750" ]; then
+        say "setting $TLS_DIR to root:$USER_NAME, 0750"
+        run chown "root:$USER_NAME" "$TLS_DIR"
+        run chmod 0750 "$TLS_DIR"
+    fi
+    if [ -e "$TLS_DIR/cert.pem" ]; then
+        say "keeping the TLS certificate $TLS_DIR/cert.pem and its key (never replaced; to get a new pair, remove both and run me again)"
+        # Not ours to change, but the service would refuse them: say how to fix.
+        key_state=$(stat -L -c '%U %a' "$TLS_DIR/key.pem")
+        case "$key_state" in
+            "$USER_NAME 600"|"$USER_NAME 400") ;;
+            *) say "warning: $TLS_DIR/key.pem is ${key_state% *} mode ${key_state#* }; picchat-server needs it private to its user: sudo chown $USER_NAME:$USER_NAME $TLS_DIR/key.pem && sudo chmod 600 $TLS_DIR/key.pem" ;;
+        esac
+    else
+        name=$(uname -n)
+        san="DNS:$name"
+        [ "${name%%.*}.local" = "$name" ] || san="$san,DNS:${name%%.*}.local"
+        for ip in $(hostname -I 2>/dev/null || true); do san="$san,IP:$ip"; done
+        say "making a self-signed TLS certificate for $name ($san), valid for 10 years"
+        old_umask=$(umask)
+        umask 077
+        run_quietly openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+            -days 3650 -subj "/CN=$name" -addext "subjectAltName=$san" \
+            -keyout "$TLS_DIR/key.pem.new" -out "$TLS_DIR/cert.pem.new"
+        umask "$old_umask"
+        run chown "$USER_NAME:$USER_NAME" "$TLS_DIR/key.pem.new"
+        run chmod 0644 "$TLS_DIR/cert.pem.new"
+        run mv "$TLS_DIR/key.pem.new" "$TLS_DIR/key.pem"
+        run mv "$TLS_DIR/cert.pem.new" "$TLS_DIR/cert.pem"
+        tls_changed=1
+    fi
 fi
 
 units_changed=0
@@ -182,9 +280,20 @@ if ! systemctl is-active --quiet "$SERVICE" 2>/dev/null; then
 elif [ "$code_changed" -eq 1 ] || [ "$units_changed" -eq 1 ]; then
     say "restarting $SERVICE for the new version (clients reconnect by themselves)"
     run systemctl restart "$SERVICE"
+elif [ "$config_changed" -eq 1 ] || [ "$tls_changed" -eq 1 ]; then
+    say "restarting $SERVICE for TLS (clients reconnect by themselves)"
+    run systemctl restart "$SERVICE"
 fi
 
+# An edited picchat.toml that lacks TLS settings: what to set, shown, not done.
+tls_advice() {
+    [ -n "$tls_lines" ] || return 0
+    say "$CONF has your own edits, so it is left as it is; to serve TLS, set these lines in it, then: sudo systemctl restart $SERVICE"
+    printf '%s' "$tls_lines"
+}
+
 if [ "$dry_run" -eq 1 ]; then
+    tls_advice
     [ "$changed" -eq 1 ] || say "nothing would change"
     exit 0
 fi
@@ -217,3 +326,26 @@ if [ "$changed" -eq 1 ]; then
 else
     say "nothing changed; $SERVICE is running and healthy"
 fi
+
+# ---- TLS: what to pin ------------------------------------------------------------------
+
+[ "$tls" -eq 1 ] || exit 0
+tls_advice
+fp=$("$PREFIX/bin/picchat-server" --tls-cert "$TLS_DIR/cert.pem" --print-fingerprint) ||
+    fail "cannot read the certificate $TLS_DIR/cert.pem (see above)" 65
+# What the service serves, if its settings name a certificate (maybe another one).
+served=$("$PREFIX/bin/picchat-server" --config "$CONF" --print-fingerprint 2>/dev/null) || served=""
+say "TLS certificate $TLS_DIR/cert.pem, fingerprint $fp"
+if [ -n "$served" ] && [ "$served" != "$fp" ]; then
+    say "note: $CONF serves another certificate (its tls-cert), fingerprint $served"
+    fp=$served
+fi
+if cmp -s "$tmp/picchat.toml" "$CONF"; then
+    say "TLS listens on 127.0.0.1:$TLS_PORT, as host does: this machine only; for other machines set tls-host = \"0.0.0.0\" and a token-file in $CONF (docs/operations.md), then: sudo systemctl restart $SERVICE"
+fi
+port=$(sed -n 's/^[[:space:]]*tls[-_]port[[:space:]]*=[[:space:]]*\([0-9][0-9]*\).*/\1/p' "$CONF" | tail -n 1)
+case "$port" in
+    ""|0|"$TLS_PORT") port="" ;;
+    *) port=" --port $port" ;;
+esac
+say "clients pin it with: picchat-client --host $(uname -n | cut -d. -f1).local$port --tls --fingerprint $fp"

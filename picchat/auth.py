@@ -35,8 +35,12 @@ class SecretError(Exception):
 def read_secret(path: str, what: str = "token file") -> bytes:
     """The contents of a file only its owner may read (as ssh insists for keys)."""
     try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
+        # O_NONBLOCK: a FIFO is refused below, not waited on for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise SecretError(f"{what} {path} is a directory")
             if not stat.S_ISREG(st.st_mode):
                 raise SecretError(f"{what} {path} is not a regular file")
             if st.st_mode & 0o077:
@@ -44,7 +48,10 @@ def read_secret(path: str, what: str = "token file") -> bytes:
                     f"{what} {path} may be read by others (mode "
                     f"{stat.S_IMODE(st.st_mode):04o}); make it private: chmod 600 {path}"
                 )
-            return f.read(1 << 16)
+            with open(fd, "rb", closefd=False) as f:
+                return f.read(1 << 16)
+        finally:
+            os.close(fd)
     except FileNotFoundError:
         raise SecretError(f"{what} {path} does not exist") from None
     except PermissionError:
@@ -141,5 +148,8 @@ def load_tokens(token_file: str, env_token: str | None) -> list[bytes]:
                 "`openssl rand -hex 24` makes one)"
             )
     if env_token:
-        tokens += parse_tokens(env_token.encode("utf-8", "replace"), "PICCHAT_TOKEN")
+        from_env = parse_tokens(env_token.encode("utf-8", "replace"), "PICCHAT_TOKEN")
+        if not from_env:
+            raise SecretError("PICCHAT_TOKEN is set but holds no token")
+        tokens += from_env
     return tokens

@@ -204,8 +204,9 @@ def send_parser() -> Parser:
         "By default it uses the server's local socket if that exists, else TCP "
         "127.0.0.1:1234.",
         epilog="Exit codes: 0 every message accepted, 64 usage error, 65 a message was "
-        "refused, 69 no server reachable, 75 timed out, 76 protocol error, 77 the "
-        "local socket exists but we may not use it.",
+        "refused, 69 no server reachable, 75 timed out, 76 protocol error or the server's "
+        "certificate is not the expected one, 77 the local socket exists but we may not use "
+        "it, or the server needs a token or refused ours.",
     )
     p.add_argument("message", help="the message; '-' sends each line of standard input")
     add_target_options(p)
@@ -266,8 +267,9 @@ def client_parser() -> Parser:
         "else TCP 127.0.0.1:1234.",
         epilog="Keys: Enter sends, Backspace, Ctrl-U clears the line, Ctrl-W deletes a word, "
         "Ctrl-C drops the line (on an empty line: quits), Ctrl-D on an empty line quits. "
-        "Exit codes: 0 quit, 64 usage error, 69 no such socket, 76 protocol error, "
-        "77 the local socket exists but we may not use it.",
+        "Exit codes: 0 quit, 64 usage error, 69 no such socket, 76 protocol error or the "
+        "server's certificate is not the expected one, 77 the local socket exists but we may "
+        "not use it, or the server needs a token or refused ours.",
     )
     add_target_options(p)
     p.add_argument("--name", help="the name to chat under (default: a guest name)")

@@ -78,6 +78,24 @@ class Settings:
     )
     history: int = _opt(1000, "messages kept in memory for replay", minimum=1)
     max_clients: int = _opt(10000, "connections served at once", minimum=1)
+    max_per_address: int = _opt(
+        64,
+        "connections at once from one IP address (0: no limit); loopback is exempt "
+        "unless per-address-loopback",
+        minimum=0,
+    )
+    per_address_loopback: bool = _opt(
+        False, "apply max-per-address to loopback addresses (127.0.0.0/8, ::1) too"
+    )
+    rate_limit: float = _opt(
+        50.0,
+        "lines per second one connection, the FIFO or a serial line may send on average; "
+        "beyond it the server reads it more slowly (nothing is dropped; 0: no limit)",
+        minimum=0.0,
+    )
+    rate_burst: int = _opt(
+        200, "lines one input may send at once before rate-limit applies", minimum=1
+    )
     sessions: int = _opt(
         10000,
         "sessions of disconnected clients remembered so they can resume without duplicates",

@@ -296,6 +296,9 @@ class Hub:
             # Said only now, after the back-off, and without any hint.
             self._send(peer, Error("auth_failed", "authentication failed"))
             self._close_after_flush(peer)
+        elif (wait := self.gate.wait(peer.host, now)) > 0:
+            # Another attempt from its address failed meanwhile: one guess per back-off.
+            peer.wake_at = now + wait
         else:
             self._judge(peer, now)
 

@@ -245,12 +245,13 @@ def _opt_id(value: Any) -> str | None:
 class ServerConnection:
     """Parses what one peer sends. Holds no socket; knows nothing of the room."""
 
-    __slots__ = ("_eof", "_reader", "state")
+    __slots__ = ("_eof", "_overlong", "_reader", "state")
 
     def __init__(self, max_line: int, auth: bool = False) -> None:
         self.state = State.AWAIT_AUTH if auth else State.AWAIT_FIRST
         self._reader = LineReader(max_line)
         self._eof = False  # the peer closed its end; lines may still wait
+        self._overlong = False  # an overlong line came while judging: reported after
 
     @property
     def wire(self) -> Wire:
@@ -265,7 +266,7 @@ class ServerConnection:
         """Received lines (or the end of input) wait for ``next_requests``."""
         if self.state in (State.CLOSED, State.JUDGING):
             return False
-        return self._reader.backlog or self._eof
+        return self._reader.backlog or self._eof or self._overlong
 
     @property
     def authenticating(self) -> bool:
@@ -297,17 +298,25 @@ class ServerConnection:
     def _requests(self, data: bytes, limit: int | None, budget: int | None) -> list[Request]:
         requests: list[Request] = []
         if self.state is State.JUDGING:
-            self._reader.feed(data, 0)  # kept, unparsed, until the verdict
+            # Kept, unparsed, until the verdict (an overlong line: reported then).
+            self._overlong |= bool(self._reader.feed(data, 0))
             return requests
+        if self._overlong:
+            self._overlong = False
+            requests.append(self._too_long())
         if self.state is State.AWAIT_AUTH:
             limit = 1  # a line at a time: after /auth, nothing more until the verdict
-        for item in self._reader.feed(data, limit, budget):
+        items = self._reader.feed(data, limit, budget)
+        for n, item in enumerate(items, 1):
             if item is TOO_LONG:
                 requests.append(self._too_long())
             else:
                 requests.extend(self._line(item))
             if self.state in (State.CLOSED, State.JUDGING):
-                return requests  # after /auth, the rest waits for the verdict
+                # After /auth, the rest waits for the verdict (after the line:
+                # at most an overlong one, the reader's limit being 1).
+                self._overlong = self.state is State.JUDGING and n < len(items)
+                return requests
         if self.state is State.AWAIT_AUTH and self._reader.backlog:
             return requests  # one line per call until authenticated
         if self._eof and not self._reader.backlog:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 import secrets
 import signal
 import socket
@@ -41,6 +42,7 @@ from .endpoints.listeners import (
 from .endpoints.serial import SerialBridge
 from .hub import Hub
 from .loop import Loop, Timer
+from .ratelimit import TokenBucket
 from .room import CONSOLE_NAME
 from .sanitize import clean_bytes
 from .tls import TlsStream, server_context
@@ -56,7 +58,9 @@ RECV_SIZE = 16384
 LINES_PER_TURN = 100
 BYTES_PER_TURN = 16384
 ACCEPT_BATCH = 64  # connections accepted per readiness event, so reads go on
-EMFILE_PAUSE = 1.0  # seconds without accepting after running out of fds
+EMFILE_PAUSE = 1.0  # seconds without accepting when even the spare fd is gone
+REFUSALS_REPORT = 10.0  # seconds: refused connections are logged once, then summed up
+FD_RESERVE = 64  # fds beyond max-clients for listeners, the FIFO, serial lines, logs
 # Settings a reload (SIGHUP) applies to a running server; the others need a restart.
 LIVE_SETTINGS = (
     "fifo_name",
@@ -74,6 +78,10 @@ LIVE_SETTINGS = (
     "allow_anonymous",
     "auth_backoff",
     "login_timeout",
+    "max_per_address",
+    "per_address_loopback",
+    "rate_limit",
+    "rate_burst",
 )
 CONSOLE_CID = 0  # the hub's id for the server's own terminal (sockets start at 1)
 
@@ -81,7 +89,7 @@ CONSOLE_CID = 0  # the hub's id for the server's own terminal (sockets start at 
 class Conn:
     """One accepted socket, as the I/O layer sees it."""
 
-    __slots__ = ("sock", "address", "way", "user", "auth", "tls", "raw_out", "opened")
+    __slots__ = ("sock", "address", "way", "user", "auth", "tls", "raw_out", "opened", "host")
 
     def __init__(
         self, sock: socket.socket, address: str, way: str, user: str | None, auth: bool
@@ -94,6 +102,7 @@ class Conn:
         self.tls: TlsStream | None = None
         self.raw_out = bytearray()  # TLS records the kernel has not taken yet
         self.opened = True  # known to the hub (a TLS peer: once its handshake is done)
+        self.host: str | None = None  # its address, if counted for max-per-address
 
 
 class Server:
@@ -110,6 +119,11 @@ class Server:
         self.loop = loop or Loop()
         self._writer = writer
         self._conns: dict[int, Conn] = {}
+        self._per_address: dict[str, int] = {}  # open connections per limited address
+        self._refused: dict[str, int] = {}  # why -> connections refused since last reported
+        self._spare_fd = -1  # closed to accept-and-close when out of fds
+        # Rate limits of the local inputs: the FIFO's (key -1) and each serial line's (its cid).
+        self._local_buckets: dict[int, TokenBucket] = {}
         self._listeners: list[tuple[socket.socket, str]] = []  # (sock, "tcp"/"unix"/"tls")
         self._tls_context: ssl.SSLContext | None = None
         self._unix_path: Path | None = None
@@ -138,6 +152,7 @@ class Server:
     def start(self) -> None:
         """Open every listener (raises StartupError) and install signal handlers."""
         s = self.settings
+        _raise_fd_limit(s.max_clients)
         if not s.host and socket_path(s) is None and not s.fifo:
             raise ConfigError("nothing to listen on: set host, socket or fifo")
         self.gate.tokens = _tokens(s)
@@ -174,6 +189,7 @@ class Server:
         except BaseException:
             self.close()
             raise
+        self._spare_fd = _open_spare()
         if self._writer is not None:
             self._writer.on_blocked = self._log_blocked
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -230,6 +246,7 @@ class Server:
             changed.append("tokens")
         self.gate.tokens = tokens
         self.gate.backoff_max = self.settings.auth_backoff
+        self._local_buckets.clear()  # made afresh, with the new rate, at their next line
         logs.set_level(self.settings.log_level)
         if changed:
             log.info("Reloaded: %s changed", ", ".join(f.replace("_", "-") for f in changed))
@@ -377,6 +394,9 @@ class Server:
         for bridge in self._serial.values():
             bridge.close()
         self._serial.clear()
+        if self._spare_fd >= 0:
+            os.close(self._spare_fd)
+            self._spare_fd = -1
         if self._writer is not None:
             self.loop.forget(self._writer.fd)
             self._writer.on_blocked = None
@@ -412,16 +432,9 @@ class Server:
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    # Out of fds: the listener stays readable, so pause it
-                    # instead of spinning on accept().
-                    log.error(
-                        "Out of file descriptors (%s); not accepting for %.0f s",
-                        exc.strerror,
-                        EMFILE_PAUSE,
-                    )
-                    self.loop.remove_reader(listener.fileno())
-                    self.loop.call_later(EMFILE_PAUSE, lambda: self._resume_accept(listener, kind))
-                    return
+                    if not self._out_of_fds(listener, kind, exc):
+                        return
+                    continue
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue
                 raise
@@ -440,21 +453,28 @@ class Server:
                 set_keepalive(sock, s.keepalive_idle, s.keepalive_interval, s.keepalive_count)
                 auth = not s.allow_anonymous and not is_loopback(addr[0])
             if len(self._conns) >= s.max_clients:
-                log.warning(
-                    "Refused %s: %d connections already (max-clients)", address, s.max_clients
+                self._refuse(
+                    sock,
+                    kind,
+                    f"{s.max_clients} connections already (max-clients)",
+                    f"server full ({s.max_clients} connections); try later",
                 )
-                if kind != "tls":  # plain text would only confuse a TLS client
-                    try:
-                        sock.send(
-                            f"! server full ({s.max_clients} connections); try later\n".encode()
-                        )
-                    except OSError:
-                        pass
-                sock.close()
                 continue
+            host = addr[0] if kind != "unix" and self._limited(addr[0]) else None
+            if host is not None and self._per_address.get(host, 0) >= s.max_per_address:
+                self._refuse(
+                    sock,
+                    kind,
+                    f"{s.max_per_address} connections from one address already (max-per-address)",
+                    f"too many connections from your address ({s.max_per_address}); try later",
+                )
+                continue
+            if host is not None:
+                self._per_address[host] = self._per_address.get(host, 0) + 1
             cid = self._next_cid
             self._next_cid += 1
             conn = self._conns[cid] = Conn(sock, address, kind, user, auth)
+            conn.host = host
             if kind == "tls":
                 assert self._tls_context is not None
                 conn.tls = TlsStream(self._tls_context, server_side=True)
@@ -469,6 +489,62 @@ class Server:
                 )
             self.loop.add_reader(sock.fileno(), lambda cid=cid: self._readable(cid))
             self._after_hub()
+
+    def _limited(self, host: str) -> bool:
+        s = self.settings
+        return s.max_per_address > 0 and (s.per_address_loopback or not is_loopback(host))
+
+    def _out_of_fds(self, listener: socket.socket, kind: str, exc: OSError) -> bool:
+        """accept() failed for want of fds: close the spare fd, accept the
+        waiting connection, tell it, close it, take the spare back. True if
+        accepting may go on (the backlog shrank); False if even that failed,
+        and accepting pauses (never a busy loop on a readable listener)."""
+        if self._spare_fd >= 0:
+            os.close(self._spare_fd)
+            self._spare_fd = -1
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                sock = None
+            self._spare_fd = _open_spare()
+            if sock is not None:
+                self._refuse(
+                    sock,
+                    kind,
+                    f"out of file descriptors ({exc.strerror})",
+                    "server busy (out of file descriptors); try later",
+                )
+                return self._spare_fd >= 0
+        log.error(
+            "Out of file descriptors (%s); not accepting for %.0f s", exc.strerror, EMFILE_PAUSE
+        )
+        self.loop.remove_reader(listener.fileno())
+        self.loop.call_later(EMFILE_PAUSE, lambda: self._resume_accept(listener, kind))
+        return False
+
+    def _refuse(self, sock: socket.socket, kind: str, why: str, told: str) -> None:
+        """Close a connection we will not serve, with a one-line notice (not
+        on TLS: plain text would only confuse its handshake). Logged once per
+        burst: the first, then a count every REFUSALS_REPORT seconds."""
+        if kind != "tls":
+            try:
+                sock.send(f"! {told}\n".encode())
+            except OSError:
+                pass
+        sock.close()
+        if not self._refused:
+            self.loop.call_later(REFUSALS_REPORT, self._report_refused)
+        if why not in self._refused:
+            log.warning("Refusing new connections: %s", why)
+            self._refused[why] = 0
+        else:
+            self._refused[why] += 1
+
+    def _report_refused(self) -> None:
+        refused, self._refused = self._refused, {}
+        for why, count in refused.items():
+            if count:
+                log.warning("Refused %d more connection%s: %s", count, "s" * (count != 1), why)
 
     def _resume_accept(self, listener: socket.socket, kind: str) -> None:
         if any(listener is sock for sock, _ in self._listeners):
@@ -631,8 +707,10 @@ class Server:
         self._after_hub()
 
     def _serial_line(self, bridge: SerialBridge, line: bytes) -> None:
-        self.hub.receive(bridge.cid, line + b"\n", time.time())
+        now = time.time()
+        self.hub.receive(bridge.cid, line + b"\n", now)
         self._after_hub()
+        self._throttle(self._local_buckets, bridge.cid, now, bridge.pause, bridge.resume)
         if bridge.cid in self.hub.room:  # after /nick, the prompt shows the new name
             bridge.set_name(self.hub.room.name_of(bridge.cid))
 
@@ -658,8 +736,34 @@ class Server:
     def _fifo_line(self, line: bytes) -> None:
         text = clean_bytes(line).strip()
         if text:
-            self.hub.post(self.settings.fifo_name, text, time.time())
+            now = time.time()
+            self.hub.post(self.settings.fifo_name, text, now)
             self._after_hub()
+            fifo = self._fifo
+            if fifo is not None:
+                self._throttle(self._local_buckets, -1, now, fifo.pause, fifo.resume)
+
+    def _throttle(
+        self,
+        buckets: dict[int, TokenBucket],
+        key: int,
+        now: float,
+        pause: Callable[[], None],
+        resume: Callable[[], None],
+    ) -> None:
+        """One line taken from a local input (the FIFO, a serial line): when its
+        bucket is empty, stop reading it until a token is back (back-pressure;
+        the line itself is in already)."""
+        s = self.settings
+        if not s.rate_limit:
+            return
+        bucket = buckets.get(key)
+        if bucket is None:
+            bucket = buckets[key] = TokenBucket(s.rate_limit, s.rate_burst, now)
+        bucket.spend(1)
+        if bucket.available(now) < 1:
+            pause()
+            self.loop.call_later(bucket.wait(now), resume)
 
     # ---- writing -------------------------------------------------------------------
 
@@ -763,6 +867,10 @@ class Server:
             return
         self._paused.discard(cid)
         self._ended.discard(cid)
+        if conn.host is not None:
+            left = self._per_address.pop(conn.host) - 1
+            if left:
+                self._per_address[conn.host] = left
         self.loop.forget(conn.sock.fileno())
         if conn.tls is not None:
             try:  # close_notify, best effort: the peer learns the end was meant
@@ -793,6 +901,38 @@ class Server:
                 self.loop.remove_writer(writer.fd)
 
         self.loop.add_writer(writer.fd, writable)
+
+
+def _open_spare() -> int:
+    try:
+        return os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1
+
+
+def _raise_fd_limit(max_clients: int) -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard one (systemd's LimitNOFILE=,
+    or the shell's ulimit -Hn), and say so if max-clients cannot fit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        try:
+            hard = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < max_clients + FD_RESERVE:
+        log.warning(
+            "max-clients is %d but only %d file descriptors are allowed (ulimit -n; "
+            "LimitNOFILE= under systemd): connections beyond about %d are refused",
+            max_clients,
+            soft,
+            max(0, soft - FD_RESERVE),
+        )
 
 
 def _tokens(s: Settings) -> list[bytes]:

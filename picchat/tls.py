@@ -142,7 +142,14 @@ def cert_fingerprint(path: str) -> str:
     """The fingerprint of the first certificate in a PEM file."""
     try:
         pem = Path(path).read_text("ascii")
-        der = ssl.PEM_cert_to_DER_cert(pem)
+        # The first certificate block only (a full chain has more; text may
+        # precede it), as the server presents it: PEM_cert_to_DER_cert would
+        # decode a whole chain's base64 as one certificate.
+        start = pem.find(ssl.PEM_HEADER)
+        end = pem.find(ssl.PEM_FOOTER, start)
+        if start < 0 or end < 0:
+            raise ValueError(f"no {ssl.PEM_HEADER} block")
+        der = ssl.PEM_cert_to_DER_cert(pem[start : end + len(ssl.PEM_FOOTER)])
     except FileNotFoundError:
         raise SecretError(f"TLS certificate file {path} does not exist") from None
     except (OSError, ValueError, UnicodeDecodeError) as exc:
@@ -164,6 +171,8 @@ def parse_fingerprint(text: str) -> str:
     """Accept ``SHA256:<base64>`` or the hex that openssl prints (with or
     without colons); returns the ``SHA256:<base64>`` form. Raises ValueError."""
     s = text.strip()
+    if "=" in s and "fingerprint" in s.lower():  # openssl's whole "sha256 Fingerprint=AB:..."
+        s = s.split("=", 1)[1].strip()
     body = s[7:] if s[:7].upper() == "SHA256:" else s
     hexdigits = body.replace(":", "")
     digest: bytes | None = None

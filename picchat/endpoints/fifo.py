@@ -10,6 +10,10 @@
   take the unterminated last line, if any, as a line (``echo -n`` works), and
   open the read end anew: Linux does not report a fresh read end readable
   until a writer has come (and gone) again.
+- ``pause``/``resume`` are the rate limit's back-pressure: while paused the
+  FIFO is not read, so once its pipe buffer (64 KiB) is full, writers wait
+  (or get EAGAIN if they write non-blocking). Lines of a read that came
+  after the pause are held, in order, and handed on at ``resume``.
 - Lines are framed by the same LineReader as sockets: a writer that never
   sends a newline fills at most ``max_line`` bytes and blocks nothing. Lines
   of several writers writing at once can interleave: a FIFO cannot tell them
@@ -21,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,6 +54,8 @@ class FifoReader:
         self._on_line = on_line
         self._reader = LineReader(max_line)
         self._rfd = -1
+        self._paused = False
+        self._held: deque[bytes] = deque()  # lines read before a pause (one read's worth)
         if fd is None:
             self._open()
         else:
@@ -86,7 +93,8 @@ class FifoReader:
                 self._rfd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError as exc:
                 raise StartupError(f"cannot open the FIFO {self.path}: {exc.strerror}") from None
-        self._loop.add_reader(self._rfd, self._readable)
+        if not self._paused:
+            self._loop.add_reader(self._rfd, self._readable)
 
     def _readable(self) -> None:
         try:
@@ -109,9 +117,25 @@ class FifoReader:
             return
         self._lines(self._reader.feed(data))
 
+    def pause(self) -> None:
+        """Read nothing until ``resume`` (the rate limit)."""
+        if not self._paused:
+            self._paused = True
+            if self._rfd >= 0:
+                self._loop.remove_reader(self._rfd)
+
+    def resume(self) -> None:
+        self._paused = False
+        while self._held and not self._paused:
+            self._on_line(self._held.popleft())
+        if not self._paused and self._rfd >= 0:
+            self._loop.add_reader(self._rfd, self._readable)
+
     def _lines(self, items: list) -> None:
         for item in items:
-            if item is TOO_LONG:
+            if self._paused and item is not TOO_LONG:
+                self._held.append(item)
+            elif item is TOO_LONG:
                 log.warning(
                     "A line written to %s was longer than %d bytes (max-line) and was discarded",
                     self.path,

@@ -28,6 +28,7 @@ import errno
 import logging
 import os
 import re
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -168,6 +169,8 @@ class SerialBridge:
         self._timer: Timer | None = None
         self._missing_logged = False
         self._reader = LineReader(max_line)
+        self._paused = False
+        self._held: deque[bytes] = deque()  # lines read before a pause (one read's worth)
         self.cid = -1  # the hub's id for this participant, set by the server
         self.editor = Editor(
             f"You ({self.name}): ", spec.cols, max_bytes=max(64, max_line // 2 - 64)
@@ -228,7 +231,9 @@ class SerialBridge:
             self.spec.mode,
             self.name,
         )
-        self._loop.add_reader(self._fd, self._readable)
+        self._held.clear()  # a new connection of the device: old lines are stale
+        if not self._paused:
+            self._loop.add_reader(self._fd, self._readable)
         self._on_open(self)
         if self.terminal:
             self.editor.buffer = ""
@@ -288,6 +293,28 @@ class SerialBridge:
 
     # ---- input -----------------------------------------------------------------
 
+    def pause(self) -> None:
+        """Read nothing until ``resume`` (the rate limit). The device's lines
+        then wait in the kernel's tty buffer (4 KiB); without flow control
+        (rtscts) what overflows it is lost at the UART, as on any terminal."""
+        if not self._paused:
+            self._paused = True
+            if self._fd >= 0:
+                self._loop.remove_reader(self._fd)
+
+    def resume(self) -> None:
+        self._paused = False
+        while self._held and not self._paused:
+            self._on_line(self, self._held.popleft())
+        if not self._paused and self._fd >= 0:
+            self._loop.add_reader(self._fd, self._readable)
+
+    def _line(self, line: bytes) -> None:
+        if self._paused:
+            self._held.append(line)
+        else:
+            self._on_line(self, line)
+
     def _readable(self) -> None:
         try:
             data = os.read(self._fd, 4096)
@@ -309,7 +336,7 @@ class SerialBridge:
                         # its input ignored until the device is reopened.
                         self._write(self.editor.show("* (a serial line stays connected)"))
                     elif ev.text.strip():
-                        self._on_line(self, ev.text.encode())
+                        self._line(ev.text.encode())
                 elif isinstance(ev, QuitRequest):
                     # A serial line cannot hang up: say how to leave instead.
                     self._write(self.editor.show("* (a serial line stays connected)"))
@@ -323,7 +350,7 @@ class SerialBridge:
                 )
             elif item.strip():
                 # A device's line is always a message, never a command.
-                self._on_line(self, b"/" + item if item.startswith(b"/") else item)
+                self._line(b"/" + item if item.startswith(b"/") else item)
 
     def set_name(self, name: str) -> None:
         """Its name in the room (after /nick): the prompt says it."""

@@ -35,6 +35,7 @@ PACKAGES = [
     "passwd",
     "procps",  # /bin/kill for ExecReload=, as on Raspberry Pi OS
     "openssh-server",
+    "openssl",  # install.sh --tls makes a self-signed certificate with it
     "tar",
 ]
 SUITE = "bookworm"

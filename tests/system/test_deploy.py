@@ -134,9 +134,10 @@ def test_start_stop_restart_and_the_journal(laptop):
 
 class HostClient:
     """picchat-client running on the host, inside the Pi's network namespace
-    (so it reaches the Pi's 127.0.0.1:1234), stdin a pipe: lines in, lines out."""
+    (so it reaches the Pi's 127.0.0.1:1234, or what ``options`` say), stdin a
+    pipe: lines in, lines out."""
 
-    def __init__(self, pi: Pi, name: str) -> None:
+    def __init__(self, pi: Pi, name: str, *options: str) -> None:
         import sys
         import threading
 
@@ -150,8 +151,7 @@ class HostClient:
                 sys.executable,
                 "-m",
                 "picchat.client",
-                "--port",
-                "1234",
+                *(options or ("--port", "1234")),
                 "--name",
                 name,
                 "--retry",
@@ -252,6 +252,48 @@ def test_dry_run_changes_nothing(laptop):
     proc = laptop.deploy("--dry-run", "pi")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert main_pid(laptop.pi) == pid
+
+
+def test_deploy_tls_shows_the_fingerprint_here_and_a_client_pinned_to_it_chats(laptop):
+    import base64
+    import re
+
+    pi = laptop.pi
+    proc = laptop.deploy("--tls", "pi")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    pin = re.findall(
+        r"^deploy: from this machine: picchat-client --host pi --tls --fingerprint (SHA256:\S+)$",
+        proc.stdout,
+        re.M,
+    )
+    assert len(pin) == 1, proc.stdout
+    out = pi.run(
+        "openssl", "x509", "-in", "/etc/picchat/tls/cert.pem", "-noout", "-fingerprint", "-sha256"
+    ).stdout
+    digest = bytes.fromhex(out.strip().split("=", 1)[1].replace(":", ""))
+    assert pin[0] == "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+    # The TLS listener is on the Pi's 127.0.0.1 (as host is): reached from its namespace.
+    client = HostClient(pi, "pinned", "--tls", "--fingerprint", pin[0])
+    try:
+        client.wait_for("Connected to the server!")
+        pi.run("picchat-send", "--name", "root@pi", "over TLS")
+        client.wait_for("root@pi: over TLS")
+    finally:
+        client.close()
+    # Again: the same certificate, untouched. (Not "nothing changed": this
+    # deploys the working tree, which may have changed meanwhile.)
+    pair = ["/etc/picchat/tls/cert.pem", "/etc/picchat/tls/key.pem"]
+    before = [pi.run("stat", "-c", "%Y %i", f).stdout for f in pair]
+    again = laptop.deploy("--tls", "pi")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "keeping the TLS certificate" in again.stdout, again.stdout
+    assert [pi.run("stat", "-c", "%Y %i", f).stdout for f in pair] == before
+    assert f"from this machine: picchat-client --host pi --tls --fingerprint {pin[0]}\n" in (
+        again.stdout
+    )
+    # A dry run says what it would do and shows no fingerprint to pin.
+    dry = laptop.deploy("--dry-run", "--tls", "pi")
+    assert dry.returncode == 0 and "from this machine" not in dry.stdout, dry.stdout
 
 
 def test_deploy_as_a_sudo_user(laptop):

@@ -333,3 +333,13 @@ def test_the_example_config_has_every_setting_with_its_default(tmp_path):
     # Uncommented, it is valid TOML that gives exactly the defaults.
     active = re.sub(r"^#([a-z-]+ = )", r"\1", example, flags=re.M)
     assert load(env={}, config_path=write(tmp_path, active)) == Settings()
+
+
+def test_the_operations_guide_lists_every_setting_a_reload_applies():
+    from picchat.server import LIVE_SETTINGS
+
+    guide = " ".join((Path(__file__).parents[2] / "docs" / "operations.md").read_text().split())
+    start = guide.index("On reload (SIGHUP) it applies")
+    paragraph = guide[start : guide.index("need `systemctl restart`", start)]
+    for name in LIVE_SETTINGS:
+        assert f"`{name.replace('_', '-')}`" in paragraph, name
