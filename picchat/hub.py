@@ -28,8 +28,10 @@ Invariants:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
@@ -75,13 +77,40 @@ HELP_TEXT = (
 
 
 class Session:
-    """What outlives one connection of a structured member."""
+    """What outlives one connection of a structured member.
 
-    __slots__ = ("cid", "acked")
+    The ids of its last acknowledged messages are kept compactly, as keyed
+    64-bit hashes in a ring of ``dedupe_window`` entries (16 bytes each): the
+    worst case, ``sessions`` x ``dedupe_window`` of them, must fit a Pi
+    (docs/robustness.md), which a dict of strings would not."""
+
+    __slots__ = ("cid", "ids", "seqs", "next")
 
     def __init__(self, cid: int | None) -> None:
         self.cid = cid  # the connection holding it, None while away
-        self.acked: OrderedDict[str, int] = OrderedDict()  # message id -> seq
+        self.ids = array("Q")  # hashes of acknowledged message ids
+        self.seqs = array("Q")  # their sequence numbers, in step with ids
+        self.next = 0  # where the next one goes once the ring is full
+
+    def acked(self, key: int) -> int | None:
+        try:
+            return self.seqs[self.ids.index(key)]
+        except ValueError:
+            return None
+
+    def remember(self, key: int, seq: int, window: int) -> None:
+        if len(self.ids) > window:  # the window shrank (a reload): keep the newest
+            order = [(self.next + i) % len(self.ids) for i in range(len(self.ids))][-window:]
+            self.ids = array("Q", (self.ids[i] for i in order))
+            self.seqs = array("Q", (self.seqs[i] for i in order))
+            self.next = 0
+        if len(self.ids) < window:
+            self.ids.append(key)
+            self.seqs.append(seq)
+        else:
+            self.ids[self.next] = key
+            self.seqs[self.next] = seq
+            self.next = (self.next + 1) % window
 
 
 class Peer:
@@ -163,6 +192,7 @@ class Hub:
         self.messages = 0  # accepted since start
         self._dirty: set[int] = set()
         self._doomed: list[tuple[int, str]] = []
+        self._id_secret = secrets.token_bytes(16)
 
     # ---- what the I/O layer reports ----------------------------------------
 
@@ -275,6 +305,16 @@ class Hub:
             and peer.wake_at is None
             and peer.proto.backlog
         )
+
+    def lines_read(self, cid: int) -> int:
+        """Lines taken from the connection's input so far (for the rate limit)."""
+        peer = self.peers.get(cid)
+        return 0 if peer is None else peer.proto.lines
+
+    def first_line_pending(self, cid: int) -> bool:
+        """Has begun its first line and not ended it (a slowloris, or slow typing)."""
+        peer = self.peers.get(cid)
+        return peer is not None and peer.proto.first_line_pending
 
     def authenticating(self, cid: int) -> bool:
         """Still has to send a valid token (or is waiting for its verdict)."""
@@ -403,9 +443,11 @@ class Hub:
                     self._judge(peer, now, token)
             case Say(text=text, id=id_):
                 session = self.sessions.get(peer.session) if peer.session else None
-                if session is not None and id_ is not None and id_ in session.acked:
+                key = self._id_key(id_) if session is not None and id_ is not None else None
+                seq = session.acked(key) if session is not None and key is not None else None
+                if seq is not None:
                     # Sent again after a lost ack: it is in already.
-                    self._send(peer, Ack(id_, session.acked[id_]))
+                    self._send(peer, Ack(id_, seq))
                     return
                 if peer.sender is not None:
                     msg = self._post(peer.sender, text, now, exclude=None, way=peer.way)
@@ -416,10 +458,8 @@ class Hub:
                     )
                 if id_ is not None and peer.proto.wire is Wire.JSON:
                     self._send(peer, Ack(id_, msg.seq))
-                    if session is not None:
-                        session.acked[id_] = msg.seq
-                        if len(session.acked) > self.dedupe_window:
-                            session.acked.popitem(last=False)
+                    if session is not None and key is not None:
+                        session.remember(key, msg.seq, self.dedupe_window)
             case Hello():
                 self._hello(peer, request)
             case Nick(name=name, id=id_):
@@ -448,6 +488,12 @@ class Hub:
             case Closed():
                 self._leave(peer, "closed the connection")
                 self._close_after_flush(peer)
+
+    def _id_key(self, id_: str) -> int:
+        """A message id as a 64-bit hash, keyed with a secret of this server so
+        that no client can make two of its ids collide on purpose."""
+        digest = hashlib.blake2b(id_.encode(), digest_size=8, key=self._id_secret).digest()
+        return int.from_bytes(digest, "little")
 
     def _judge(self, peer: Peer, now: float, token: bytes | None = None) -> None:
         if token is None:

@@ -245,12 +245,13 @@ def _opt_id(value: Any) -> str | None:
 class ServerConnection:
     """Parses what one peer sends. Holds no socket; knows nothing of the room."""
 
-    __slots__ = ("_eof", "_overlong", "_reader", "state")
+    __slots__ = ("_eof", "_overlong", "_reader", "lines", "state")
 
     def __init__(self, max_line: int, auth: bool = False) -> None:
         self.state = State.AWAIT_AUTH if auth else State.AWAIT_FIRST
         self._reader = LineReader(max_line)
         self._eof = False  # the peer closed its end; lines may still wait
+        self.lines = 0  # lines taken from the input so far (what the rate limit counts)
         self._overlong = False  # an overlong line came while judging: reported after
 
     @property
@@ -267,6 +268,12 @@ class ServerConnection:
         if self.state in (State.CLOSED, State.JUDGING):
             return False
         return self._reader.backlog or self._eof or self._overlong
+
+    @property
+    def first_line_pending(self) -> bool:
+        """Bytes of a first line (or of the /auth line) have come, its end not."""
+        first = self.state in (State.AWAIT_AUTH, State.AWAIT_FIRST)
+        return first and self._reader.pending > 0
 
     @property
     def authenticating(self) -> bool:
@@ -307,6 +314,7 @@ class ServerConnection:
         if self.state is State.AWAIT_AUTH:
             limit = 1  # a line at a time: after /auth, nothing more until the verdict
         items = self._reader.feed(data, limit, budget)
+        self.lines += len(items)
         for n, item in enumerate(items, 1):
             if item is TOO_LONG:
                 requests.append(self._too_long())
@@ -321,6 +329,7 @@ class ServerConnection:
             return requests  # one line per call until authenticated
         if self._eof and not self._reader.backlog:
             last = self._reader.take_partial()
+            self.lines += last is TOO_LONG or bool(last)
             if last is TOO_LONG:
                 requests.append(self._too_long())
             elif last:

@@ -89,7 +89,18 @@ CONSOLE_CID = 0  # the hub's id for the server's own terminal (sockets start at 
 class Conn:
     """One accepted socket, as the I/O layer sees it."""
 
-    __slots__ = ("sock", "address", "way", "user", "auth", "tls", "raw_out", "opened", "host")
+    __slots__ = (
+        "sock",
+        "address",
+        "way",
+        "user",
+        "auth",
+        "tls",
+        "raw_out",
+        "opened",
+        "host",
+        "bucket",
+    )
 
     def __init__(
         self, sock: socket.socket, address: str, way: str, user: str | None, auth: bool
@@ -103,6 +114,7 @@ class Conn:
         self.raw_out = bytearray()  # TLS records the kernel has not taken yet
         self.opened = True  # known to the hub (a TLS peer: once its handshake is done)
         self.host: str | None = None  # its address, if counted for max-per-address
+        self.bucket: TokenBucket | None = None  # its rate limit, from its first line on
 
 
 class Server:
@@ -247,6 +259,12 @@ class Server:
         self.gate.tokens = tokens
         self.gate.backoff_max = self.settings.auth_backoff
         self._local_buckets.clear()  # made afresh, with the new rate, at their next line
+        for conn in self._conns.values():
+            if conn.bucket is not None:
+                if self.settings.rate_limit:
+                    conn.bucket.reconfigure(self.settings.rate_limit, self.settings.rate_burst)
+                else:
+                    conn.bucket = None
         logs.set_level(self.settings.log_level)
         if changed:
             log.info("Reloaded: %s changed", ", ".join(f.replace("_", "-") for f in changed))
@@ -481,12 +499,12 @@ class Server:
                 conn.opened = False  # the hub hears of it once the handshake is done
             else:
                 self.hub.open(cid, address, kind, user, auth)
-            if conn.tls is not None or auth:
-                # Time to finish the handshake and /auth. A silent peer costs
-                # an fd and a few KiB until then, and delays no one.
-                self.loop.call_later(
-                    s.login_timeout, lambda cid=cid, conn=conn: self._login_deadline(cid, conn)
-                )
+            # Time to finish the handshake, /auth and the first line once
+            # begun (slowloris). A silent peer costs an fd and a few KiB
+            # until then and delays no one; an idle one may stay.
+            self.loop.call_later(
+                s.login_timeout, lambda cid=cid, conn=conn: self._login_deadline(cid, conn)
+            )
             self.loop.add_reader(sock.fileno(), lambda cid=cid: self._readable(cid))
             self._after_hub()
 
@@ -557,6 +575,8 @@ class Server:
             what = "finish its TLS handshake"
         elif self.hub.authenticating(cid):
             what = "authenticate"
+        elif self.hub.first_line_pending(cid):
+            what = "finish its first line"
         else:
             return
         log.info(
@@ -590,15 +610,31 @@ class Server:
             self._ended.add(cid)
             self.loop.remove_reader(conn.sock.fileno())
         now = time.time()
+        before = self.hub.lines_read(cid)
         try:
             if data:
-                self.hub.receive(cid, data, now, LINES_PER_TURN, BYTES_PER_TURN)
+                self.hub.receive(cid, data, now, self._allowed(conn, now), BYTES_PER_TURN)
             if eof:
-                self.hub.receive(cid, b"", now, LINES_PER_TURN, BYTES_PER_TURN)
+                self.hub.receive(cid, b"", now, self._allowed(conn, now), BYTES_PER_TURN)
         except Exception:
             self._internal_error(cid)
             return
+        self._spent(conn, cid, before)
         self._input_done(cid)
+
+    def _allowed(self, conn: Conn, now: float) -> int:
+        """Lines this connection may send now: a turn's slice, or fewer if
+        its rate limit says so."""
+        s = self.settings
+        if not s.rate_limit:
+            return LINES_PER_TURN
+        if conn.bucket is None:
+            conn.bucket = TokenBucket(s.rate_limit, s.rate_burst, now)
+        return min(LINES_PER_TURN, conn.bucket.available(now))
+
+    def _spent(self, conn: Conn, cid: int, before: int) -> None:
+        if conn.bucket is not None:
+            conn.bucket.spend(self.hub.lines_read(cid) - before)
 
     def _tls_input(self, cid: int, conn: Conn, raw: bytes) -> bytes | None:
         """Raw bytes through TLS: the plaintext for the hub (b"" if none yet),
@@ -656,9 +692,13 @@ class Server:
         elif self.hub.backlogged(cid):
             # A burst: handle the rest a slice per turn, after this turn's
             # output has gone out, and read nothing more from it meanwhile
-            # (TCP flow control slows the sender down).
+            # (TCP flow control slows the sender down). Over its rate limit,
+            # the next slice waits for the bucket: back-pressure, no loss.
             self._pause(cid, fd)
-            self.loop.call_later(0, lambda: self._continue_input(cid))
+            delay = 0.0
+            if conn.bucket is not None and conn.bucket.available(time.time()) < 1:
+                delay = conn.bucket.wait(time.time())
+            self.loop.call_later(delay, lambda: self._continue_input(cid))
         elif cid in self._paused:
             self._paused.discard(cid)
             if cid not in self._ended:
@@ -676,12 +716,16 @@ class Server:
             self._input_done(cid)
 
     def _continue_input(self, cid: int) -> None:
-        if cid in self._conns:
+        conn = self._conns.get(cid)
+        if conn is not None:
+            now = time.time()
+            before = self.hub.lines_read(cid)
             try:
-                self.hub.continue_input(cid, time.time(), LINES_PER_TURN, BYTES_PER_TURN)
+                self.hub.continue_input(cid, now, self._allowed(conn, now), BYTES_PER_TURN)
             except Exception:
                 self._internal_error(cid)
                 return
+            self._spent(conn, cid, before)
             self._input_done(cid)
 
     def _console_line(self, text: str) -> None:

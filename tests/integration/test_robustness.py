@@ -84,7 +84,7 @@ def test_escape_sequences_never_reach_another_client(server, clients):
 
 
 def test_a_reader_that_never_reads_is_dropped_while_others_chat(start_server, clients):
-    server = start_server("--max-queue", "65536")
+    server = start_server("--max-queue", "65536", "--rate-limit", "0")  # a floods on purpose
     # Tiny receive buffer, set before connecting, and never a recv().
     slow = Client(server.port, "slow", rcvbuf=1024, welcome=False)
     clients.append(slow)

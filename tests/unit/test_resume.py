@@ -265,7 +265,7 @@ def test_dedupe_window_bounds_the_ids_remembered():
     for id_ in ("a", "b", "c"):
         net.say(1, f"text {id_}", id_)
     assert [f["seq"] for f in net.frames(1)] == [1, 2, 3]
-    assert list(net.hub.sessions["t1"].acked) == ["b", "c"]
+    assert remembered(net, "t1", "abc") == {"b": 2, "c": 3}
     net.say(1, "text c", "c")  # remembered: acked again, not posted
     net.say(1, "text a", "a")  # forgotten: posted again
     assert net.frames(1) == [
@@ -273,7 +273,33 @@ def test_dedupe_window_bounds_the_ids_remembered():
         {"type": "ack", "id": "a", "seq": 4},
     ]
     assert net.hub.room.seq == 4
-    assert list(net.hub.sessions["t1"].acked) == ["c", "a"]
+    assert remembered(net, "t1", "abc") == {"c": 3, "a": 4}
+
+
+def remembered(net, token, ids):
+    """The ids among ``ids`` the session remembers, with their seqs."""
+    session = net.hub.sessions[token]
+    assert len(session.ids) == len(session.seqs) <= net.hub.dedupe_window
+    found = {i: session.acked(net.hub._id_key(i)) for i in ids}
+    return {i: seq for i, seq in found.items() if seq is not None}
+
+
+def test_a_smaller_dedupe_window_after_a_reload_keeps_the_newest_ids():
+    net = ResumeNet(dedupe_window=4)
+    net.hello(1)
+    for id_ in "abcdef":  # the ring wraps: e and f overwrite a and b
+        net.say(1, f"text {id_}", id_)
+    assert remembered(net, "t1", "abcdef") == {"c": 3, "d": 4, "e": 5, "f": 6}
+    net.hub.dedupe_window = 2
+    net.say(1, "text g", "g")
+    assert remembered(net, "t1", "abcdefg") == {"f": 6, "g": 7}
+
+
+def test_message_ids_are_hashed_with_a_secret_of_the_server():
+    one, two = ResumeNet(), ResumeNet()
+    assert one.hub._id_key("x") == one.hub._id_key("x")
+    assert one.hub._id_key("x") != two.hub._id_key("x")
+    assert one.hub._id_key("x") != one.hub._id_key("y")
 
 
 # ---- a reconnect that overtakes the old connection's death ---------------------------------
