@@ -50,13 +50,14 @@ from .tls import TlsStream, server_context
 log = logging.getLogger(__name__)
 
 # One recv() takes no more than one turn's budget of input, so a connection
-# paused with a backlog holds at most this plus max-line bytes of input.
-RECV_SIZE = 16384
+# paused with a backlog holds at most this plus max-line bytes of input: 8 KiB
+# by default, times max-clients in the worst case (docs/robustness.md).
+RECV_SIZE = 4096
 # One connection's input handled per loop turn, at most: a burst of thousands
 # of short lines becomes slices with a flush of everyone's output between
 # them, instead of one turn that queues megabytes for every reader.
 LINES_PER_TURN = 100
-BYTES_PER_TURN = 16384
+BYTES_PER_TURN = RECV_SIZE
 ACCEPT_BATCH = 64  # connections accepted per readiness event, so reads go on
 EMFILE_PAUSE = 1.0  # seconds without accepting when even the spare fd is gone
 REFUSALS_REPORT = 10.0  # seconds: refused connections are logged once, then summed up
