@@ -19,13 +19,12 @@ import resource
 import secrets
 import signal
 import socket
-import ssl
 import stat
 import time
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__, logs, systemd
 from .auth import Gate, SecretError, is_loopback, load_tokens
@@ -45,7 +44,11 @@ from .loop import Loop, Timer
 from .ratelimit import TokenBucket
 from .room import CONSOLE_NAME
 from .sanitize import clean_bytes
-from .tls import TlsStream, server_context
+
+if TYPE_CHECKING:  # ssl is imported only when there is a TLS listener (start-up time)
+    import ssl
+
+    from .tls import TlsStream
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +174,8 @@ class Server:
         self.gate.tokens = _tokens(s)
         if s.tls_port:
             try:
+                from .tls import server_context
+
                 self._tls_context = server_context(s.tls_cert, s.tls_key)
             except SecretError as exc:
                 raise ConfigError(str(exc)) from None
@@ -496,7 +501,7 @@ class Server:
             conn.host = host
             if kind == "tls":
                 assert self._tls_context is not None
-                conn.tls = TlsStream(self._tls_context, server_side=True)
+                conn.tls = self._tls_stream(self._tls_context)
                 conn.opened = False  # the hub hears of it once the handshake is done
             else:
                 self.hub.open(cid, address, kind, user, auth)
@@ -564,6 +569,12 @@ class Server:
         for why, count in refused.items():
             if count:
                 log.warning("Refused %d more connection%s: %s", count, "s" * (count != 1), why)
+
+    @staticmethod
+    def _tls_stream(context: ssl.SSLContext) -> TlsStream:
+        from .tls import TlsStream
+
+        return TlsStream(context, server_side=True)
 
     def _resume_accept(self, listener: socket.socket, kind: str) -> None:
         if any(listener is sock for sock, _ in self._listeners):
@@ -645,7 +656,7 @@ class Server:
         assert tls is not None
         try:
             plain = tls.receive(raw)
-        except (ssl.SSLError, ConnectionError) as exc:
+        except (OSError, ConnectionError) as exc:  # ssl.SSLError is an OSError
             reason = getattr(exc, "reason", None) or str(exc)
             log.info("TLS with %s failed: %s", conn.address, reason)
             self._drop(cid, f"TLS failed: {reason}")
