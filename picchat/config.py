@@ -76,7 +76,24 @@ class Settings:
         "furthest behind are disconnected first",
         minimum=65536,
     )
-    history: int = _opt(1000, "messages kept in memory for replay", minimum=1)
+    history: int = _opt(
+        1000, "messages kept for replay (in memory, and on disk with a state-dir)", minimum=1
+    )
+    state_dir: str = _opt(
+        "",
+        "directory for the history on disk ('': $STATE_DIRECTORY, set by systemd's "
+        "StateDirectory=; without either, history is kept in memory only)",
+    )
+    sync: str = _opt(
+        "commit",
+        "'commit': every message is on disk (fsync) before it is acknowledged, one fsync per "
+        "loop turn; 'interval': written at once, fsync'd every sync-interval seconds "
+        "(survives a crash of picchat, not a power cut; fewer writes to an SD card)",
+        choices=("commit", "interval"),
+    )
+    sync_interval: float = _opt(
+        5.0, "seconds between fsyncs with sync = 'interval'", minimum=0.01, maximum=3600.0
+    )
     max_clients: int = _opt(10000, "connections served at once", minimum=1)
     max_per_address: int = _opt(
         64,

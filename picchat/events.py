@@ -101,6 +101,7 @@ class Message:
     sender: str
     text: str
     origin: str = ""  # the sender's session token: not sent, keeps replays from echoing
+    id: str = ""  # the sender's own message id (structured clients): for dedupe after a restart
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,6 +50,7 @@ from .events import (
     Hello,
     Help,
     Invalid,
+    Message,
     Nick,
     Notice,
     Quit,
@@ -193,6 +194,10 @@ class Hub:
         self._dirty: set[int] = set()
         self._doomed: list[tuple[int, str]] = []
         self._id_secret = secrets.token_bytes(16)
+        # With durable history (the server's store): messages posted and not
+        # yet handed to the store, and acks that wait until they are on disk.
+        self.posted: list[Message] | None = None
+        self._unconfirmed: list[tuple[int, str, int]] = []  # (cid, message id, seq)
 
     # ---- what the I/O layer reports ----------------------------------------
 
@@ -264,6 +269,49 @@ class Hub:
         self.dedupe_window = dedupe_window
         self.room.set_history_limit(history_limit)
         self.room.reserved = {n.casefold() for n in reserved_names}
+
+    # ---- durable history -----------------------------------------------------
+
+    def keep_durably(self, messages: list[Message]) -> None:
+        """History comes from disk and goes to disk: take what was loaded (its
+        senders' sessions too, so a client resuming after a restart is
+        recognised and its resent messages are not posted twice), and from
+        now on acknowledge a message only once ``confirm`` says it is stored."""
+        self.posted = []
+        self.room.restore(messages[-self.room.history.maxlen :] if messages else [])
+        for msg in messages:  # oldest first: the newest sessions stay longest
+            if not msg.origin:
+                continue
+            session = self.sessions.get(msg.origin)
+            if session is None:
+                session = self.sessions[msg.origin] = Session(None)
+            self._away[msg.origin] = None
+            self._away.move_to_end(msg.origin)
+            if msg.id:
+                session.remember(self._id_key(msg.id), msg.seq, self.dedupe_window)
+        while len(self._away) > self.max_sessions:
+            token, _ = self._away.popitem(last=False)
+            del self.sessions[token]
+
+    def take_posted(self) -> list[Message]:
+        if self.posted is None:
+            return []
+        posted, self.posted = self.posted, []
+        return posted
+
+    def confirm(self, stored: bool, problem: str = "") -> None:
+        """The messages handed over by take_posted are on disk (or not: then
+        their senders are told, and the messages live on in memory only)."""
+        waiting, self._unconfirmed = self._unconfirmed, []
+        for cid, id_, seq in waiting:
+            peer = self.peers.get(cid)
+            if peer is None or peer.doomed:
+                continue
+            if stored:
+                self._send(peer, Ack(id_, seq))
+            else:
+                text = f"delivered, but not saved to disk ({problem}): lost if the server restarts"
+                self._send(peer, Error("not_stored", text, id_))
 
     def take_dropped(self, cid: int) -> int:
         """Lines dropped from a limited queue since the last call."""
@@ -450,14 +498,16 @@ class Hub:
                     self._send(peer, Ack(id_, seq))
                     return
                 if peer.sender is not None:
-                    msg = self._post(peer.sender, text, now, exclude=None, way=peer.way)
+                    msg = self._post(peer.sender, text, now, None, way=peer.way, id_=id_ or "")
                 else:
                     name = self.room.name_of(cid)
-                    msg = self._post(
-                        name, text, now, exclude=cid, origin=peer.session or "", way=peer.way
-                    )
+                    origin = peer.session or ""
+                    msg = self._post(name, text, now, cid, origin, peer.way, id_ or "")
                 if id_ is not None and peer.proto.wire is Wire.JSON:
-                    self._send(peer, Ack(id_, msg.seq))
+                    if self.posted is None:
+                        self._send(peer, Ack(id_, msg.seq))
+                    else:  # acknowledged once it is on disk (confirm)
+                        self._unconfirmed.append((cid, id_, msg.seq))
                     if session is not None and key is not None:
                         session.remember(key, msg.seq, self.dedupe_window)
             case Hello():
@@ -721,9 +771,12 @@ class Hub:
         exclude: int | None,
         origin: str = "",
         way: str = "",
+        id_: str = "",
     ):
-        msg, out = self.room.post(sender, text, now, exclude, origin)
+        msg, out = self.room.post(sender, text, now, exclude, origin, id_)
         self.messages += 1
+        if self.posted is not None:
+            self.posted.append(msg)
         if self.log_chat:
             # The fields go to the journal as PICCHAT_SENDER= and so on
             # (journalctl -u picchat-server PICCHAT_SENDER=alice).

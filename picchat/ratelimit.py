@@ -9,6 +9,8 @@ flow control slows the sender down; nothing it sent is dropped.
 
 from __future__ import annotations
 
+import math
+
 
 class TokenBucket:
     """``rate`` lines per second on average, up to ``burst`` at once."""
@@ -22,10 +24,13 @@ class TokenBucket:
         self.stamp = now
 
     def available(self, now: float) -> int:
-        """Whole tokens now (refilled for the time since the last call)."""
+        """Whole tokens now (refilled for the time since the last call).
+
+        A clock that went back adds nothing; refilling goes on from there (it
+        does not wait for the clock to pass the old time again)."""
         if now > self.stamp:
             self.tokens = min(float(self.burst), self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = max(self.stamp, now)
+        self.stamp = now
         return int(self.tokens)
 
     def spend(self, n: int) -> None:
@@ -39,9 +44,17 @@ class TokenBucket:
         return False
 
     def wait(self, now: float) -> float:
-        """Seconds until the next whole token."""
-        self.available(now)
-        return max(0.0, (1.0 - self.tokens) / self.rate)
+        """Seconds until the next whole token: ``available(now + wait(now))``
+        is at least 1."""
+        if self.available(now) >= 1:
+            return 0.0
+        wait = (1.0 - self.tokens) / self.rate
+        # Rounding may leave now + wait a hair short of the token: step up.
+        step = math.ulp(max(abs(now), wait, 1.0))
+        while self.tokens + ((now + wait) - now) * self.rate < 1.0:
+            wait += step
+            step *= 2
+        return wait
 
     def reconfigure(self, rate: float, burst: int) -> None:
         self.rate = rate

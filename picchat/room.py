@@ -92,6 +92,12 @@ class Room:
     def name_of(self, mid: int) -> str:
         return self._names[mid]
 
+    def restore(self, messages: list[Message]) -> None:
+        """History read back from disk at start (contiguous, oldest first)."""
+        self.history.extend(messages)
+        if messages:
+            self.seq = messages[-1].seq
+
     def set_history_limit(self, limit: int) -> None:
         self.history = deque(self.history, maxlen=max(1, limit))
 
@@ -234,10 +240,16 @@ class Room:
     # ---- messages --------------------------------------------------------
 
     def post(
-        self, sender: str, text: str, now: float, exclude: int | None = None, origin: str = ""
+        self,
+        sender: str,
+        text: str,
+        now: float,
+        exclude: int | None = None,
+        origin: str = "",
+        id_: str = "",
     ) -> tuple[Message, list[Deliver]]:
         """Record a message and deliver it to every member but ``exclude``."""
         self.seq += 1
-        msg = Message(self.seq, now, sender, text, origin)
+        msg = Message(self.seq, now, sender, text, origin, id_)
         self.history.append(msg)
         return msg, [Deliver(Chat(msg), exclude=exclude)]

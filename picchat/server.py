@@ -44,6 +44,7 @@ from .loop import Loop, Timer
 from .ratelimit import TokenBucket
 from .room import CONSOLE_NAME
 from .sanitize import clean_bytes
+from .store import Store, StoreError
 
 if TYPE_CHECKING:  # ssl is imported only when there is a TLS listener (start-up time)
     import ssl
@@ -71,6 +72,8 @@ LIVE_SETTINGS = (
     "max_queue",
     "max_total_queue",
     "history",
+    "sync",
+    "sync_interval",
     "max_clients",
     "sessions",
     "dedupe_window",
@@ -138,6 +141,9 @@ class Server:
         self._per_address: dict[str, int] = {}  # open connections per limited address
         self._refused: dict[str, int] = {}  # why -> connections refused since last reported
         self._spare_fd = -1  # closed to accept-and-close when out of fds
+        self._store: Store | None = None  # the history on disk, if there is a state directory
+        self._store_problem: str | None = None  # why the last commit failed, until one works
+        self._sync_timer: Timer | None = None
         # Rate limits of the local inputs: the FIFO's (key -1) and each serial line's (its cid).
         self._local_buckets: dict[int, TokenBucket] = {}
         self._listeners: list[tuple[socket.socket, str]] = []  # (sock, "tcp"/"unix"/"tls")
@@ -172,6 +178,7 @@ class Server:
         if not s.host and socket_path(s) is None and not s.fifo:
             raise ConfigError("nothing to listen on: set host, socket or fifo")
         self.gate.tokens = _tokens(s)
+        self._store = self._open_store()
         if s.tls_port:
             try:
                 from .tls import server_context
@@ -218,6 +225,11 @@ class Server:
             self.hub.open_local(CONSOLE_CID, CONSOLE_NAME, "console", announce=False)
             self._console = console.Console(self.loop, CONSOLE_NAME, self._console_line, self.stop)
             logs.divert(self._console.show)
+        if self._store is None:
+            log.warning(
+                "History is kept in memory only, and starts afresh at every restart: set "
+                "state-dir to keep it (the systemd service does, with StateDirectory=)"
+            )
         log.info(
             "Server is running and waiting for connections on %s", " and ".join(self.addresses)
         )
@@ -264,6 +276,8 @@ class Server:
             changed.append("tokens")
         self.gate.tokens = tokens
         self.gate.backoff_max = self.settings.auth_backoff
+        if self._store is not None:
+            self._store.segment_records = max(1, self.settings.history)
         self._local_buckets.clear()  # made afresh, with the new rate, at their next line
         for conn in self._conns.values():
             if conn.bucket is not None:
@@ -298,6 +312,73 @@ class Server:
         s = self.settings
         fifo = (s.fifo_name,) if s.fifo or self._fifo is not None else ()
         return fifo + tuple(parse_serial_spec(spec).name for spec in s.serial)
+
+    def _open_store(self) -> Store | None:
+        s = self.settings
+        directory = s.state_dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+        if not directory:
+            return None  # said once the server runs (start-up errors come alone)
+        path = Path(directory)
+        try:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the state directory {path}: {exc.strerror}") from None
+        store = Store(path, s.history)
+        try:
+            loaded = store.load()
+        except StoreError as exc:
+            raise ConfigError(str(exc)) from None
+        except OSError as exc:
+            raise ConfigError(f"cannot repair the history in {path}: {exc.strerror}") from None
+        if loaded.history_id is not None:
+            self.hub.room.history_id = loaded.history_id
+            log.info("History: %d messages kept in %s", len(loaded.messages), path)
+        else:
+            store.start(self.hub.room.history_id, 1)
+            log.info("History: a new one, kept in %s", path)
+        self.hub.keep_durably(loaded.messages)
+        return store
+
+    def _commit(self) -> None:
+        """The group commit: the messages of this turn go to disk (one write,
+        one fsync) before any of their acks is sent."""
+        store = self._store
+        if store is None:
+            return
+        posted = self.hub.take_posted()
+        if not posted:
+            return
+        for msg in posted:
+            store.append(msg)
+        try:
+            store.commit(sync=self.settings.sync == "commit")
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+            if self._store_problem is None:
+                log.error(
+                    "Cannot save the history in %s (%s): messages are delivered, and their "
+                    "senders told they are not saved",
+                    store.directory,
+                    problem,
+                )
+            self._store_problem = problem
+            self.hub.confirm(False, problem)
+        else:
+            if self._store_problem is not None:
+                log.warning("Saving the history to disk works again")
+                self._store_problem = None
+            self.hub.confirm(True)
+            if store.unsynced and self._sync_timer is None:
+                self._sync_timer = self.loop.call_later(self.settings.sync_interval, self._sync)
+        self._schedule_flush()
+
+    def _sync(self) -> None:
+        self._sync_timer = None
+        if self._store is not None:
+            try:
+                self._store.sync()
+            except OSError as exc:
+                log.error("Cannot fsync the history: %s", exc.strerror)
 
     def _check_exposure(self, s: Settings, tokens: list[bytes]) -> None:
         """Refuse to serve anyone beyond this machine without a token, unless
@@ -421,6 +502,10 @@ class Server:
         if self._spare_fd >= 0:
             os.close(self._spare_fd)
             self._spare_fd = -1
+        if self._store is not None:
+            self._commit()
+            self._store.close()
+            self._store = None
         if self._writer is not None:
             self.loop.forget(self._writer.fd)
             self._writer.on_blocked = None
@@ -526,6 +611,10 @@ class Server:
         if self._spare_fd >= 0:
             os.close(self._spare_fd)
             self._spare_fd = -1
+        if self._store is not None:
+            self._commit()
+            self._store.close()
+            self._store = None
             try:
                 sock, _ = listener.accept()
             except OSError:
@@ -846,6 +935,7 @@ class Server:
 
     def _flush_dirty(self) -> None:
         self._flush_scheduled = False
+        self._commit()
         if self.notifier.enabled:  # no string to build outside systemd
             self.notifier.status(self._status())  # sent only when it changed
         for cid in self.hub.take_dirty():
@@ -863,7 +953,10 @@ class Server:
             self._maybe_finished()
 
     def _flush(self, cid: int) -> None:
-        conn = self._conns[cid]
+        self._commit()  # nothing of this turn goes out before it is on disk
+        conn = self._conns.get(cid)
+        if conn is None:
+            return
         out = self.hub.output(cid) if conn.opened else bytearray()
         while True:
             if not self._send(cid, conn, out):

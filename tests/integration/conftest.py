@@ -16,7 +16,16 @@ from typing import Any
 
 import pytest
 
-from .support import Forwarder, ServerProcess, TmuxPane, base_env
+from .support import (
+    Forwarder,
+    Netns,
+    NetnsUnavailable,
+    ServerProcess,
+    TmuxPane,
+    base_env,
+    make_cert,
+    unavailable,
+)
 
 
 @pytest.fixture
@@ -41,8 +50,10 @@ def start_server(short_tmp: Path) -> Iterator[Callable[..., ServerProcess]]:
         sock: str | Path | None = "default",
         presence: str = "0.2",
         wait: bool = True,
+        prefix: tuple[str, ...] | list[str] = (),
     ) -> ServerProcess:
-        args = [sys.executable, "-m", "picchat", "--presence-interval", presence]
+        # prefix: e.g. Netns.prefix, to run the server in a network namespace.
+        args = [*prefix, sys.executable, "-m", "picchat", "--presence-interval", presence]
         if port is not None:
             args += ["--port", port]
         sock_path: Path | None = None
@@ -122,3 +133,36 @@ def tmux_pane(short_tmp: Path, request: pytest.FixtureRequest) -> Iterator[Calla
     yield make
     for pane in made:
         pane.close()
+
+
+@pytest.fixture
+def netns(short_tmp: Path) -> Iterator[Netns]:
+    """A network namespace of our own where 10.99.0.1 to 10.99.0.4 are this
+    machine's addresses but not loopback: a client from 10.99.0.2 is, to a
+    server on 10.99.0.1, on another machine. Skipped (failed under CI) where
+    no namespace can be made; its processes are ended by pid at teardown."""
+    reason = Netns.why_not()
+    if reason is not None:
+        unavailable(reason)
+    try:
+        ns = Netns(short_tmp)
+    except NetnsUnavailable as exc:
+        unavailable(f"{exc} (user namespaces may be disabled here)")
+        raise
+    try:
+        yield ns
+    finally:
+        ns.close()
+
+
+@pytest.fixture
+def cert(short_tmp: Path) -> Callable[..., tuple[Path, Path]]:
+    """Factory: a self-signed certificate and key (``openssl req``) named NAME:
+    (cert, key) in a private directory. Skipped (failed under CI) without openssl."""
+    if shutil.which("openssl") is None:
+        unavailable("openssl is not installed: the TLS tests make certificates with it")
+
+    def make(name: str = "server") -> tuple[Path, Path]:
+        return make_cert(short_tmp / "certs", name)
+
+    return make

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -1089,3 +1090,308 @@ class SocatPair:
             if time.monotonic() > deadline:
                 raise AssertionError(f"socat left its links {self.dev}, {self.term} behind")
             time.sleep(0.01)
+
+
+# ---- beyond localhost: a network namespace, tokens, TLS ------------------------
+
+
+def unavailable(reason: str) -> None:
+    """Skip with ``reason``; under CI (CI=true) fail instead, since a skipped
+    test there would hide a gap (as tests/system/pi.py does)."""
+    import pytest
+
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (under CI this test may not be skipped)", pytrace=False)
+    pytest.skip(reason)
+
+
+def listen_port(server: ServerProcess, host: str, tls: bool = False) -> int:
+    """The port the server says it listens on at ``host`` (plain, or TLS)."""
+    line = server.wait_for_log(READY_RE.pattern, 0)
+    suffix = r" \(TLS" if tls else r"(?! \(TLS)"
+    m = re.search(rf"(?:^|\s){re.escape(host)}:(\d+){suffix}", READY_RE.search(line)["where"])
+    assert m, f"no {'TLS ' if tls else ''}listener on {host} in: {line}"
+    return int(m.group(1))
+
+
+# Runs inside the namespace: connects where asked, from where asked, and
+# hands the connected socket back over a Unix socket (SCM_RIGHTS). A socket
+# keeps the namespace it was made in: the test then owns a real TCP
+# connection from, say, 10.99.0.2, with nothing in between.
+NETNS_CONNECTOR = r"""
+import json, socket, sys
+srv = socket.socket(socket.AF_UNIX)
+srv.bind(sys.argv[1])
+srv.listen(64)
+print("ready", flush=True)
+while True:
+    conn, _ = srv.accept()
+    with conn:
+        req = json.loads(conn.makefile("rb").readline())
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.settimeout(5)
+            if req["source"]:
+                s.bind((req["source"], 0))
+            s.connect((req["host"], req["port"]))
+            socket.send_fds(conn, [b"ok"], [s.fileno()])
+        except OSError as exc:
+            conn.sendall(f"error {exc}".encode())
+        finally:
+            s.close()
+"""
+
+
+class Netns:
+    """A network namespace of our own (inside a user namespace of our own, so
+    no root is needed where user namespaces are allowed): its loopback device
+    carries 127.0.0.1 and ``addresses``, which are not loopback addresses to
+    anyone inside it. Nothing in it can reach any other network.
+
+    A holder process keeps it alive; ``prefix`` runs a command inside it;
+    ``connect`` gives the test a TCP socket made inside it. ``close`` ends
+    the processes started here, by their pids."""
+
+    HOLDER_SCRIPT = "ip link set lo up && {adds} && echo ready && exec sleep 3600"
+
+    @staticmethod
+    def why_not() -> str | None:
+        for tool, package in (
+            ("unshare", "util-linux"),
+            ("nsenter", "util-linux"),
+            ("ip", "iproute2"),
+        ):
+            if shutil.which(tool) is None:
+                return (
+                    f"{tool} is not installed: the tests of clients on other machines play "
+                    f"them in a network namespace of their own (apt install {package})"
+                )
+        return None
+
+    def __init__(
+        self,
+        tmp: Path,
+        addresses: tuple[str, ...] = ("10.99.0.1", "10.99.0.2", "10.99.0.3", "10.99.0.4"),
+    ) -> None:
+        self.addresses = addresses
+        self.procs: list[subprocess.Popen[bytes]] = []
+        adds = " && ".join(f"ip addr add {a}/32 dev lo" for a in addresses)
+        holder = self._start(
+            ["unshare", "-rn", "sh", "-c", self.HOLDER_SCRIPT.format(adds=adds)], "holder"
+        )
+        self.pid = holder.pid  # unshare execs sh, which execs sleep: one pid throughout
+        self.prefix = ["nsenter", "-t", str(self.pid), "-U", "-n", "--preserve-credentials"]
+        self._connector_path = tmp / "netns-connect.sock"
+        self._start(
+            [*self.prefix, sys.executable, "-c", NETNS_CONNECTOR, str(self._connector_path)],
+            "connector",
+        )
+
+    def _start(self, args: list[str], what: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        self.procs.append(proc)
+        assert proc.stdout is not None
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + DEFAULT_TIMEOUT
+        out = b""
+        try:
+            while not out.endswith(b"ready\n"):
+                left = deadline - time.monotonic()
+                if left <= 0 or not sel.select(left):
+                    break
+                chunk = os.read(proc.stdout.fileno(), 4096)
+                if not chunk:
+                    break
+                out += chunk
+        finally:
+            sel.close()
+        if not out.endswith(b"ready\n"):
+            self.close()
+            raise NetnsUnavailable(
+                f"cannot make a network namespace ({what}: {' '.join(args[:3])} ...): "
+                + (out.decode("utf-8", "replace").strip() or "no answer")
+            )
+        return proc
+
+    def run(self, args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+        """Run a command inside the namespace (with a timeout)."""
+        kwargs.setdefault("timeout", 15)
+        return subprocess.run([*self.prefix, *args], check=False, **kwargs)
+
+    def connect(self, host: str, port: int, source: str | None = None) -> socket.socket:
+        """A TCP socket connected, inside the namespace, to host:port from ``source``."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(DEFAULT_TIMEOUT)
+            s.connect(str(self._connector_path))
+            s.sendall(json.dumps({"host": host, "port": port, "source": source}).encode() + b"\n")
+            msg, fds, _, _ = socket.recv_fds(s, 1024, 1)
+        if not fds:
+            raise AssertionError(f"netns connect to {host}:{port} from {source}: {msg!r}")
+        sock = socket.socket(fileno=fds[0])
+        assert sock.family == socket.AF_INET, sock
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as timed lines need
+        return sock
+
+    def client(self, host: str, port: int, source: str | None, label: str) -> SocketClient:
+        """A plain-protocol client from ``source`` (not greeted yet: see ``SocketClient``)."""
+        return SocketClient(self.connect(host, port, source), label)
+
+    def close(self) -> None:
+        """End the connector and the holder (the namespace goes with it), by pid."""
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(DEFAULT_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(DEFAULT_TIMEOUT)
+            if proc.stdout is not None:
+                proc.stdout.close()
+        self.procs.clear()
+
+
+class NetnsUnavailable(Exception):
+    """This machine cannot make us a network namespace (the message says why)."""
+
+
+class SocketClient(Client):
+    """A plain-protocol client over a socket connected elsewhere (e.g. inside
+    a network namespace). Not greeted on creation: the server may want a
+    token first (``auth``)."""
+
+    def __init__(self, sock: socket.socket, label: str = "client") -> None:
+        LineSource.__init__(self, label)
+        self.sock = sock
+        self.sock.setblocking(False)
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self.sock, selectors.EVENT_READ)
+        self.name = None
+
+    def auth(self, token: str, timeout: float = DEFAULT_TIMEOUT) -> str:
+        """Send ``/auth TOKEN`` and wait for the welcome; returns the guest name."""
+        self.send_line(f"/auth {token}")
+        m = self.expect(r"^\* Welcome to picchat! You are (\S+)\.", timeout)
+        self.name = m.group(1)
+        return self.name
+
+
+class TlsClient(Client):
+    """A plain-protocol participant over TLS (the ``ssl`` module's socket)."""
+
+    def __init__(
+        self,
+        port: int,
+        label: str = "tls client",
+        host: str = "127.0.0.1",
+        welcome: bool = True,
+        context: Any = None,
+    ) -> None:
+        import ssl
+
+        LineSource.__init__(self, label)
+        if context is None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        raw = socket.create_connection((host, port), timeout=DEFAULT_TIMEOUT)
+        self.sock = context.wrap_socket(raw, server_hostname=host)  # the handshake, blocking
+        self.sock.setblocking(False)
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self.sock, selectors.EVENT_READ)
+        self.name = None
+        if welcome:
+            m = self.expect(r"^\* Welcome to picchat! You are (\S+)\.")
+            self.name = m.group(1)
+
+    def _read_chunk(self, timeout: float) -> bytes | None:
+        import ssl
+
+        if not self.sock.pending() and not self._sel.select(timeout):
+            return None
+        try:
+            return self.sock.recv(65536)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return None
+        except (ConnectionResetError, ssl.SSLEOFError, ssl.SSLZeroReturnError):
+            return b""
+
+
+def client_hello() -> bytes:
+    """The first flight of a real TLS client (the ``ssl`` module's ClientHello)."""
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    obj = ctx.wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO(), server_hostname="localhost")
+    try:
+        obj.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return out.read()
+
+
+def make_cert(directory: Path, name: str = "server") -> tuple[Path, Path]:
+    """A self-signed certificate for localhost and 127.0.0.1, made by the openssl
+    CLI, with its key readable by its owner only: (cert, key)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    r = subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr.decode()
+    key.chmod(0o600)
+    return cert, key
+
+
+def openssl_fingerprint(cert: Path) -> str:
+    """The certificate's SHA-256 fingerprint as openssl prints it, turned into
+    picchat's SHA256:<base64> form (a second opinion on --print-fingerprint)."""
+    import base64
+
+    r = subprocess.run(
+        ["openssl", "x509", "-in", str(cert), "-noout", "-fingerprint", "-sha256"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    )
+    hexdigits = r.stdout.strip().split("=", 1)[1].replace(":", "")
+    return "SHA256:" + base64.b64encode(bytes.fromhex(hexdigits)).decode().rstrip("=")
+
+
+def write_secret(path: Path, text: str, mode: int = 0o600) -> Path:
+    """Write ``text`` to ``path`` atomically (a rename), with ``mode``."""
+    tmp = path.with_name(path.name + ".new")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, mode)  # whatever the umask
+    os.replace(tmp, path)
+    return path

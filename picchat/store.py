@@ -1,0 +1,413 @@
+"""Durable history: an append-only log of chat messages in the state directory.
+
+The format (docs/protocol.md states what it guarantees):
+
+- Segment files ``history-<first seq, 12 digits>.log``, mode 0600. Each
+  starts with a header: the line ``PICCHAT-HISTORY <format>`` and a JSON line
+  ``{"history_id": ..., "first_seq": ...}``; then records, each
+  ``<length u32 LE><crc32 u32 LE><JSON payload>``. A message is written once,
+  appended: the history is never rewritten.
+- A segment is closed once it holds ``segment_records`` records (the
+  ``history`` setting) and a new one begins; only the two newest are kept, so
+  the disk holds between one and two histories' worth, and at least all the
+  server replays.
+- At start, every record's checksum is verified. A damaged or cut tail (a
+  power cut mid-write) is cut off, the damage logged with the number of
+  records lost; the messages before it stay. The history id is the one in
+  the files: clients resume across a restart without a gap.
+- Newer formats are refused by name (``StoreError``); this version reads
+  format 1, and later versions are to read it too.
+
+Writing is the server's: ``append`` buffers records; ``commit`` writes them
+(one write) and, with ``sync``, fsyncs once -- the group commit: every message
+of a loop turn is on disk before any of them is acknowledged. All file access
+goes through ``Files``, which tests replace to count fsyncs and inject faults.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .events import Message
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+MAGIC = b"PICCHAT-HISTORY "
+_HEAD = struct.Struct("<II")  # payload length, crc32 of the payload
+RECORD_MAX = 1 << 20  # a longer length field can only be damage
+PENDING_MAX = 4 << 20  # bytes of records kept for a retry while the disk refuses them
+_SEGMENT_RE = re.compile(r"history-(\d{12})\.log\Z")
+
+
+class StoreError(Exception):
+    """The history cannot be used (a newer format, an unreadable directory)."""
+
+
+class TornHeader(StoreError):
+    """A segment whose header was being written when the power went."""
+
+
+class Files:
+    """The file operations the store needs; a test substitutes its own."""
+
+    def listdir(self, path: Path) -> list[str]:
+        return os.listdir(path)
+
+    def read(self, path: Path) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    def open_append(self, path: Path) -> int:
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def write(self, fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def truncate(self, fd: int, size: int) -> None:
+        os.ftruncate(fd, size)
+
+    def size(self, fd: int) -> int:
+        return os.fstat(fd).st_size
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def unlink(self, path: Path) -> None:
+        os.unlink(path)
+
+    def sync_dir(self, path: Path) -> None:
+        """Make a new or removed segment's name durable."""
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def encode_record(msg: Message) -> bytes:
+    obj = {"seq": msg.seq, "time": msg.time, "from": msg.sender, "text": msg.text}
+    if msg.origin:
+        obj["origin"] = msg.origin
+    if msg.id:
+        obj["id"] = msg.id
+    payload = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    return _HEAD.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def _decode_payload(payload: bytes) -> Message:
+    obj = json.loads(payload)
+    seq, when, sender, text = obj["seq"], obj["time"], obj["from"], obj["text"]
+    if not (isinstance(seq, int) and isinstance(when, (int, float))):
+        raise ValueError("bad seq or time")
+    if not (isinstance(sender, str) and isinstance(text, str)):
+        raise ValueError("bad sender or text")
+    origin, id_ = obj.get("origin", ""), obj.get("id", "")
+    return Message(seq, float(when), sender, text, str(origin), str(id_))
+
+
+def header(history_id: str, first_seq: int) -> bytes:
+    meta = json.dumps({"history_id": history_id, "first_seq": first_seq})
+    return MAGIC + str(FORMAT).encode() + b"\n" + meta.encode() + b"\n"
+
+
+@dataclass
+class Segment:
+    path: Path
+    history_id: str
+    first_seq: int
+    messages: list[Message] = field(default_factory=list)
+    good_size: int = 0  # bytes up to the end of the last valid record
+    dropped: int = 0  # records lost to damage
+    damaged_at: int | None = None  # byte offset of the damage, if any
+
+
+def parse_segment(path: Path, data: bytes) -> Segment:
+    """Read one segment; damage ends it (recorded, not raised). Raises
+    StoreError for what is not ours to repair: a newer format, no header."""
+    if MAGIC.startswith(data[: len(MAGIC)]) and data.count(b"\n") < 2:
+        raise TornHeader(f"{path}: its header is cut off")
+    if not data.startswith(MAGIC):
+        raise StoreError(f"{path} is not a picchat history file")
+    first_nl = data.find(b"\n")
+    second_nl = data.find(b"\n", first_nl + 1)
+    try:
+        version = int(data[len(MAGIC) : first_nl])
+    except ValueError:
+        raise StoreError(f"{path}: unreadable format line") from None
+    if version > FORMAT:
+        raise StoreError(
+            f"{path} is in history format {version}, written by a newer picchat; this one "
+            f"reads format {FORMAT} and older. Upgrade picchat, or move the state directory "
+            "aside to start a new history."
+        )
+    try:
+        meta = json.loads(data[first_nl + 1 : second_nl])
+        history_id, first_seq = str(meta["history_id"]), int(meta["first_seq"])
+    except (ValueError, KeyError, TypeError):
+        raise StoreError(f"{path}: its header is damaged") from None
+    seg = Segment(path, history_id, first_seq)
+    pos = second_nl + 1
+    seg.good_size = pos
+    expected = first_seq
+    while pos < len(data):
+        if len(data) - pos < _HEAD.size:
+            seg.damaged_at, seg.dropped = pos, 1
+            break
+        length, crc = _HEAD.unpack_from(data, pos)
+        payload = data[pos + _HEAD.size : pos + _HEAD.size + length]
+        bad = length > RECORD_MAX or len(payload) < length or zlib.crc32(payload) != crc
+        msg = None
+        if not bad:
+            try:
+                msg = _decode_payload(payload)
+            except (ValueError, KeyError, TypeError):
+                bad = True
+        if bad or msg is None or msg.seq != expected:
+            seg.damaged_at = pos
+            seg.dropped = _count_records(data, pos)
+            break
+        seg.messages.append(msg)
+        expected += 1
+        pos += _HEAD.size + length
+        seg.good_size = pos
+    return seg
+
+
+def _count_records(data: bytes, pos: int) -> int:
+    """How many records the damaged part held, as far as its lengths tell (at least 1)."""
+    count = 0
+    while pos < len(data) and count < 1 << 24:
+        count += 1
+        if len(data) - pos < _HEAD.size:
+            break
+        (length,) = struct.unpack_from("<I", data, pos)
+        if length > RECORD_MAX:
+            break
+        pos += _HEAD.size + length
+    return max(count, 1)
+
+
+@dataclass
+class Loaded:
+    history_id: str | None  # None: no history yet
+    messages: list[Message]  # the newest, contiguous, oldest first
+
+
+class Store:
+    """The history's files. ``load`` once, then ``append``/``commit``."""
+
+    def __init__(self, directory: Path, segment_records: int, files: Files | None = None) -> None:
+        self.directory = directory
+        self.segment_records = max(1, segment_records)
+        self.files = files or Files()
+        self.history_id = ""
+        self._segments: list[Path] = []  # oldest first; the last is written to
+        self._fd = -1
+        self._size = 0  # bytes of the current segment known to be whole records
+        self._records = 0  # records in the current segment
+        self._pending = bytearray()  # records not yet written
+        self._pending_seqs: list[int] = []  # their seqs (for rotation), in order
+        self._next_seq = 1
+        self.unsynced = False  # written since the last fsync
+        self.fsyncs = 0  # since start (STATUS and the benchmark report it)
+
+    # ---- start ---------------------------------------------------------------
+
+    def load(self) -> Loaded:
+        """Read what the directory holds; repair a damaged tail."""
+        try:
+            names = self.files.listdir(self.directory)
+        except OSError as exc:
+            raise StoreError(f"cannot read the state directory {self.directory}: {exc}") from None
+        paths = sorted(self.directory / n for n in names if _SEGMENT_RE.match(n))
+        segments = []
+        for path in paths:
+            try:
+                data = self.files.read(path)
+            except OSError as exc:
+                raise StoreError(f"cannot read {path}: {exc.strerror}") from None
+            try:
+                seg = parse_segment(path, data)
+            except TornHeader:
+                if path != paths[-1]:
+                    raise
+                # Only the newest segment can have been cut while being
+                # begun; it holds no message yet.
+                log.warning("History file %s was cut while being created; removed", path)
+                self.files.unlink(path)
+                continue
+            if seg.damaged_at is not None:
+                log.warning(
+                    "History file %s is damaged at byte %d (a power cut while writing?): "
+                    "%d record%s after it dropped, the %d before it kept",
+                    path,
+                    seg.damaged_at,
+                    seg.dropped,
+                    "s" * (seg.dropped != 1),
+                    len(seg.messages),
+                )
+            segments.append(seg)
+        if not segments:
+            return Loaded(None, [])
+        last = segments[-1]
+        self.history_id = last.history_id
+        # Only one contiguous run, ending with the newest, can be replayed.
+        messages: list[Message] = []
+        for seg in reversed(segments):
+            if seg.history_id != self.history_id:
+                break
+            if messages and (not seg.messages or seg.messages[-1].seq + 1 != messages[0].seq):
+                if seg.messages:
+                    log.warning(
+                        "History file %s does not join the newer ones; its %d messages are "
+                        "not replayed",
+                        seg.path,
+                        len(seg.messages),
+                    )
+                break
+            messages[:0] = seg.messages
+        self._segments = [s.path for s in segments]
+        self._next_seq = (messages[-1].seq if messages else last.first_seq - 1) + 1
+        self._open_last(last)
+        return Loaded(self.history_id, messages)
+
+    def _open_last(self, seg: Segment) -> None:
+        self._fd = self.files.open_append(seg.path)
+        if self.files.size(self._fd) != seg.good_size:
+            self.files.truncate(self._fd, seg.good_size)  # cut the damaged tail off
+            self.files.fsync(self._fd)
+            self.fsyncs += 1
+        self._size = seg.good_size
+        self._records = len(seg.messages)
+
+    def start(self, history_id: str, next_seq: int) -> None:
+        """A new history (nothing loaded): its first segment comes with its first message."""
+        self.history_id = history_id
+        self._next_seq = next_seq
+
+    # ---- writing -------------------------------------------------------------
+
+    def append(self, msg: Message) -> None:
+        self._pending += encode_record(msg)
+        self._pending_seqs.append(msg.seq)
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._pending)
+
+    def commit(self, sync: bool) -> int:
+        """Write every pending record; fsync if ``sync``. Returns how many were
+        written. Raises OSError (disk full, I/O error): the file is cut back
+        to its last whole record and the records stay pending for the next
+        commit (up to PENDING_MAX bytes; beyond, the oldest are given up)."""
+        if not self._pending:
+            if sync:
+                self.sync()
+            return 0
+        written = 0
+        try:
+            while self._pending_seqs:
+                if self._fd < 0 or self._records >= self.segment_records:
+                    self._rotate(self._pending_seqs[0])
+                take = min(len(self._pending_seqs), self.segment_records - self._records)
+                cut = _offset_after(self._pending, take)
+                self.files.write(self._fd, bytes(self._pending[:cut]))
+                self._size += cut
+                self._records += take
+                written += take
+                del self._pending[:cut]
+                del self._pending_seqs[:take]
+                self.unsynced = True
+            if sync:
+                self.sync()
+        except OSError:
+            self._recover()
+            raise
+        return written
+
+    def sync(self) -> None:
+        if self.unsynced and self._fd >= 0:
+            self.files.fsync(self._fd)
+            self.fsyncs += 1
+            self.unsynced = False
+
+    def _recover(self) -> None:
+        if self._fd >= 0:
+            try:
+                self.files.truncate(self._fd, self._size)
+            except OSError:
+                pass
+        over = len(self._pending) - PENDING_MAX
+        if over > 0:
+            lost = 0
+            cut = 0
+            while cut < over and lost < len(self._pending_seqs):
+                (length,) = struct.unpack_from("<I", self._pending, cut)
+                cut += _HEAD.size + length
+                lost += 1
+            del self._pending[:cut]
+            del self._pending_seqs[:lost]
+            log.error("Gave up saving %d messages to disk (it keeps refusing them)", lost)
+
+    def _rotate(self, first_seq: int) -> None:
+        """Begin a new segment; keep only the previous one besides it."""
+        if self._fd >= 0:
+            if self.unsynced:
+                self.files.fsync(self._fd)
+                self.fsyncs += 1
+                self.unsynced = False
+            self.files.close(self._fd)
+            self._fd = -1
+        path = self.directory / f"history-{first_seq:012d}.log"
+        fd = self.files.open_append(path)
+        try:
+            head = header(self.history_id, first_seq)
+            self.files.write(fd, head)
+            self.files.fsync(fd)
+            self.fsyncs += 1
+        except OSError:
+            self.files.close(fd)
+            try:
+                self.files.unlink(path)
+            except OSError:
+                pass
+            raise
+        self._fd, self._size, self._records = fd, len(head), 0
+        self._segments.append(path)
+        while len(self._segments) > 2:
+            old = self._segments.pop(0)
+            try:
+                self.files.unlink(old)
+            except OSError as exc:
+                log.warning("Cannot remove the old history file %s: %s", old, exc.strerror)
+        self.files.sync_dir(self.directory)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            try:
+                self.sync()
+            except OSError:
+                pass
+            self.files.close(self._fd)
+            self._fd = -1
+
+
+def _offset_after(buf: bytearray, records: int) -> int:
+    pos = 0
+    for _ in range(records):
+        (length,) = struct.unpack_from("<I", buf, pos)
+        pos += _HEAD.size + length
+    return pos
