@@ -17,8 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: $(VENV)/.installed
-	$(VENV)/bin/ruff check picchat tests
-	$(VENV)/bin/ruff format --check picchat tests
+	$(VENV)/bin/ruff check picchat tests bench
+	$(VENV)/bin/ruff format --check picchat tests bench
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 unit: $(VENV)/.installed
@@ -28,11 +28,15 @@ integration: $(VENV)/.installed
 	$(VPY) -m pytest tests/integration $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check picchat tests
+	$(VENV)/bin/ruff check picchat tests bench
 
 format: $(VENV)/.installed
-	$(VENV)/bin/ruff format picchat tests
-	$(VENV)/bin/ruff check --fix picchat tests
+	$(VENV)/bin/ruff format picchat tests bench
+	$(VENV)/bin/ruff check --fix picchat tests bench
+
+# Benchmarks (not part of `make test`): what durability costs, per sync policy.
+bench:
+	$(PYTHON) bench/durability.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

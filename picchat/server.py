@@ -505,6 +505,11 @@ class Server:
         if self._store is not None:
             self._commit()
             self._store.close()
+            log.info(
+                "History saved: %d messages written, %d fsyncs since start",
+                self._store.written,
+                self._store.fsyncs,
+            )
             self._store = None
         if self._writer is not None:
             self.loop.forget(self._writer.fd)
@@ -614,6 +619,11 @@ class Server:
         if self._store is not None:
             self._commit()
             self._store.close()
+            log.info(
+                "History saved: %d messages written, %d fsyncs since start",
+                self._store.written,
+                self._store.fsyncs,
+            )
             self._store = None
             try:
                 sock, _ = listener.accept()

@@ -222,7 +222,8 @@ class Store:
         self._pending_seqs: list[int] = []  # their seqs (for rotation), in order
         self._next_seq = 1
         self.unsynced = False  # written since the last fsync
-        self.fsyncs = 0  # since start (STATUS and the benchmark report it)
+        self.fsyncs = 0  # since start (logged at the end; the benchmark reads it)
+        self.written = 0  # records written since start
 
     # ---- start ---------------------------------------------------------------
 
@@ -328,6 +329,7 @@ class Store:
                 self._size += cut
                 self._records += take
                 written += take
+                self.written += take
                 del self._pending[:cut]
                 del self._pending_seqs[:take]
                 self.unsynced = True
