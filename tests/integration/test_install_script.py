@@ -48,3 +48,25 @@ def test_without_systemd_it_says_so_and_changes_nothing():
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "does not run systemd" in lines[0], proc.stderr
     assert not Path("/opt/picchat").exists()
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="ssh (openssh-client) is not installed")
+def test_deploy_to_a_host_that_does_not_answer_is_explained_in_one_line():
+    import socket
+
+    with socket.socket() as s:  # a loopback port nobody listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        proc = subprocess.run(
+            ["sh", str(ROOT / "deploy" / "deploy.sh"), "--port", str(port), "root@127.0.0.1"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+        )
+    assert proc.returncode == 69, proc.stderr
+    # One message (ssh's own reason may end in a CR), with the next step.
+    assert proc.stderr.count("error") == 1, proc.stderr
+    assert "cannot reach root@127.0.0.1 over ssh" in proc.stderr
+    assert "Connection refused" in proc.stderr and "sshd enabled?" in proc.stderr
