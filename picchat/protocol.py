@@ -245,10 +245,11 @@ def _opt_id(value: Any) -> str | None:
 class ServerConnection:
     """Parses what one peer sends. Holds no socket; knows nothing of the room."""
 
-    __slots__ = ("_eof", "_overlong", "_reader", "lines", "state")
+    __slots__ = ("_eof", "_json", "_overlong", "_reader", "lines", "state")
 
     def __init__(self, max_line: int, auth: bool = False) -> None:
         self.state = State.AWAIT_AUTH if auth else State.AWAIT_FIRST
+        self._json = False  # its hello was accepted: structured until the end
         self._reader = LineReader(max_line)
         self._eof = False  # the peer closed its end; lines may still wait
         self.lines = 0  # lines taken from the input so far (what the rate limit counts)
@@ -256,7 +257,9 @@ class ServerConnection:
 
     @property
     def wire(self) -> Wire:
-        return Wire.JSON if self.state is State.JSON else Wire.PLAIN
+        # Still JSON once CLOSED: the requests that came with the end of input
+        # (an unterminated last line) are answered after the state changed.
+        return Wire.JSON if self.state is State.JSON or self._json else Wire.PLAIN
 
     @property
     def max_line(self) -> int:
@@ -408,6 +411,7 @@ class ServerConnection:
             self.state = State.CLOSED
             return Fatal("bad_hello", f"bad hello: {exc}")
         self.state = State.JSON
+        self._json = True
         return Hello(VERSION, name, member, client, session, resume)
 
 

@@ -137,22 +137,28 @@ class Segment:
 def parse_segment(path: Path, data: bytes) -> Segment:
     """Read one segment; damage ends it (recorded, not raised). Raises
     StoreError for what is not ours to repair: a newer format, no header."""
-    if MAGIC.startswith(data[: len(MAGIC)]) and data.count(b"\n") < 2:
-        raise TornHeader(f"{path}: its header is cut off")
     if not data.startswith(MAGIC):
+        if MAGIC.startswith(data):
+            raise TornHeader(f"{path}: its header is cut off")
         raise StoreError(f"{path} is not a picchat history file")
     first_nl = data.find(b"\n")
-    second_nl = data.find(b"\n", first_nl + 1)
-    try:
-        version = int(data[len(MAGIC) : first_nl])
-    except ValueError:
-        raise StoreError(f"{path}: unreadable format line") from None
+    if first_nl < 0:
+        raise TornHeader(f"{path}: its header is cut off")
+    # The version decides before anything else: a newer format's header may
+    # be laid out otherwise, and must be neither misread nor "repaired".
+    digits = data[len(MAGIC) : first_nl]
+    if not (digits.isdigit() and int(digits) >= 1):
+        raise StoreError(f"{path}: unreadable format line")
+    version = int(digits)
     if version > FORMAT:
         raise StoreError(
             f"{path} is in history format {version}, written by a newer picchat; this one "
             f"reads format {FORMAT} and older. Upgrade picchat, or move the state directory "
             "aside to start a new history."
         )
+    second_nl = data.find(b"\n", first_nl + 1)
+    if second_nl < 0:
+        raise TornHeader(f"{path}: its header is cut off")
     try:
         meta = json.loads(data[first_nl + 1 : second_nl])
         history_id, first_seq = str(meta["history_id"]), int(meta["first_seq"])
@@ -194,7 +200,9 @@ def _count_records(data: bytes, pos: int) -> int:
         if len(data) - pos < _HEAD.size:
             break
         (length,) = struct.unpack_from("<I", data, pos)
-        if length > RECORD_MAX:
+        if length > RECORD_MAX or length == 0:
+            # No record is empty: zeros are a tail the file system lengthened
+            # but never wrote (one lost write, not a record every 8 bytes).
             break
         pos += _HEAD.size + length
     return max(count, 1)
@@ -220,7 +228,7 @@ class Store:
         self._records = 0  # records in the current segment
         self._pending = bytearray()  # records not yet written
         self._pending_seqs: list[int] = []  # their seqs (for rotation), in order
-        self._next_seq = 1
+        self._next_seq = 1  # the seq the current segment's next record must have
         self.unsynced = False  # written since the last fsync
         self.fsyncs = 0  # since start (logged at the end; the benchmark reads it)
         self.written = 0  # records written since start
@@ -281,7 +289,7 @@ class Store:
                 break
             messages[:0] = seg.messages
         self._segments = [s.path for s in segments]
-        self._next_seq = (messages[-1].seq if messages else last.first_seq - 1) + 1
+        self._next_seq = last.first_seq + len(last.messages)
         self._open_last(last)
         return Loaded(self.history_id, messages)
 
@@ -321,9 +329,16 @@ class Store:
         written = 0
         try:
             while self._pending_seqs:
-                if self._fd < 0 or self._records >= self.segment_records:
-                    self._rotate(self._pending_seqs[0])
-                take = min(len(self._pending_seqs), self.segment_records - self._records)
+                first = self._pending_seqs[0]
+                # A segment's records are numbered without a gap (a gap reads as
+                # damage at start): records given up while the disk refused
+                # them (PENDING_MAX) make the next ones begin a new segment.
+                if self._fd < 0 or self._records >= self.segment_records or first > self._next_seq:
+                    self._rotate(first)
+                limit = min(len(self._pending_seqs), self.segment_records - self._records)
+                take = 1
+                while take < limit and self._pending_seqs[take] == first + take:
+                    take += 1
                 cut = _offset_after(self._pending, take)
                 self.files.write(self._fd, bytes(self._pending[:cut]))
                 self._size += cut
@@ -332,6 +347,7 @@ class Store:
                 self.written += take
                 del self._pending[:cut]
                 del self._pending_seqs[:take]
+                self._next_seq = first + take
                 self.unsynced = True
             if sync:
                 self.sync()
@@ -388,6 +404,7 @@ class Store:
                 pass
             raise
         self._fd, self._size, self._records = fd, len(head), 0
+        self._next_seq = first_seq
         self._segments.append(path)
         while len(self._segments) > 2:
             old = self._segments.pop(0)
