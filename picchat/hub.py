@@ -100,11 +100,17 @@ class Session:
             return None
 
     def remember(self, key: int, seq: int, window: int) -> None:
-        if len(self.ids) > window:  # the window shrank (a reload): keep the newest
-            order = [(self.next + i) % len(self.ids) for i in range(len(self.ids))][-window:]
+        n = len(self.ids)
+        if n != window and self.next:
+            # The window changed (a reload) after the ring wrapped: put it
+            # back in order, oldest first, before growing or shrinking it.
+            order = [(self.next + i) % n for i in range(n)]
             self.ids = array("Q", (self.ids[i] for i in order))
             self.seqs = array("Q", (self.seqs[i] for i in order))
             self.next = 0
+        if len(self.ids) > window:  # it shrank: keep the newest
+            del self.ids[: len(self.ids) - window]
+            del self.seqs[: len(self.seqs) - window]
         if len(self.ids) < window:
             self.ids.append(key)
             self.seqs.append(seq)

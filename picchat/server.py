@@ -724,19 +724,20 @@ class Server:
         before = self.hub.lines_read(cid)
         try:
             if data:
-                self.hub.receive(cid, data, now, self._allowed(conn, now), BYTES_PER_TURN)
+                self.hub.receive(cid, data, now, self._allowed(conn), BYTES_PER_TURN)
             if eof:
-                self.hub.receive(cid, b"", now, self._allowed(conn, now), BYTES_PER_TURN)
+                self.hub.receive(cid, b"", now, self._allowed(conn), BYTES_PER_TURN)
         except Exception:
             self._internal_error(cid)
             return
         self._spent(conn, cid, before)
         self._input_done(cid)
 
-    def _allowed(self, conn: Conn, now: float) -> int:
+    def _allowed(self, conn: Conn) -> int:
         """Lines this connection may send now: a turn's slice, or fewer if
-        its rate limit says so."""
+        its rate limit says so (on the loop's monotonic clock)."""
         s = self.settings
+        now = self.loop.time()
         if not s.rate_limit:
             return LINES_PER_TURN
         if conn.bucket is None:
@@ -807,8 +808,8 @@ class Server:
             # the next slice waits for the bucket: back-pressure, no loss.
             self._pause(cid, fd)
             delay = 0.0
-            if conn.bucket is not None and conn.bucket.available(time.time()) < 1:
-                delay = conn.bucket.wait(time.time())
+            if conn.bucket is not None and conn.bucket.available(self.loop.time()) < 1:
+                delay = conn.bucket.wait(self.loop.time())
             self.loop.call_later(delay, lambda: self._continue_input(cid))
         elif cid in self._paused:
             self._paused.discard(cid)
@@ -832,7 +833,7 @@ class Server:
             now = time.time()
             before = self.hub.lines_read(cid)
             try:
-                self.hub.continue_input(cid, now, self._allowed(conn, now), BYTES_PER_TURN)
+                self.hub.continue_input(cid, now, self._allowed(conn), BYTES_PER_TURN)
             except Exception:
                 self._internal_error(cid)
                 return
@@ -865,7 +866,7 @@ class Server:
         now = time.time()
         self.hub.receive(bridge.cid, line + b"\n", now)
         self._after_hub()
-        self._throttle(self._local_buckets, bridge.cid, now, bridge.pause, bridge.resume)
+        self._throttle(self._local_buckets, bridge.cid, bridge.pause, bridge.resume)
         if bridge.cid in self.hub.room:  # after /nick, the prompt shows the new name
             bridge.set_name(self.hub.room.name_of(bridge.cid))
 
@@ -896,13 +897,12 @@ class Server:
             self._after_hub()
             fifo = self._fifo
             if fifo is not None:
-                self._throttle(self._local_buckets, -1, now, fifo.pause, fifo.resume)
+                self._throttle(self._local_buckets, -1, fifo.pause, fifo.resume)
 
     def _throttle(
         self,
         buckets: dict[int, TokenBucket],
         key: int,
-        now: float,
         pause: Callable[[], None],
         resume: Callable[[], None],
     ) -> None:
@@ -912,6 +912,7 @@ class Server:
         s = self.settings
         if not s.rate_limit:
             return
+        now = self.loop.time()
         bucket = buckets.get(key)
         if bucket is None:
             bucket = buckets[key] = TokenBucket(s.rate_limit, s.rate_burst, now)
