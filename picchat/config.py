@@ -95,6 +95,12 @@ class Settings:
         5.0, "seconds between fsyncs with sync = 'interval'", minimum=0.01, maximum=3600.0
     )
     max_clients: int = _opt(10000, "connections served at once", minimum=1)
+    max_tls_clients: int = _opt(
+        2000,
+        "TLS connections served at once (each costs about 18 KiB more than a plain one), "
+        "within max-clients",
+        minimum=1,
+    )
     max_per_address: int = _opt(
         64,
         "connections at once from one IP address (0: no limit); loopback is exempt "

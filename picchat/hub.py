@@ -316,7 +316,10 @@ class Hub:
             if stored:
                 self._send(peer, Ack(id_, seq))
             else:
-                text = f"delivered, but not saved to disk ({problem}): lost if the server restarts"
+                text = (
+                    f"delivered, but not saved to disk yet ({problem}): lost if the server "
+                    "stops before it can be saved"
+                )
                 self._send(peer, Error("not_stored", text, id_))
 
     def take_dropped(self, cid: int) -> int:

@@ -64,6 +64,7 @@ LINES_PER_TURN = 100
 BYTES_PER_TURN = RECV_SIZE
 ACCEPT_BATCH = 64  # connections accepted per readiness event, so reads go on
 EMFILE_PAUSE = 1.0  # seconds without accepting when even the spare fd is gone
+STORE_RETRY = 5.0  # seconds between attempts to save what the disk refused
 REFUSALS_REPORT = 10.0  # seconds: refused connections are logged once, then summed up
 FD_RESERVE = 64  # fds beyond max-clients for listeners, the FIFO, serial lines, logs
 # Settings a reload (SIGHUP) applies to a running server; the others need a restart.
@@ -86,6 +87,7 @@ LIVE_SETTINGS = (
     "auth_backoff",
     "login_timeout",
     "max_per_address",
+    "max_tls_clients",
     "per_address_loopback",
     "rate_limit",
     "rate_burst",
@@ -139,6 +141,7 @@ class Server:
         self._writer = writer
         self._conns: dict[int, Conn] = {}
         self._per_address: dict[str, int] = {}  # open connections per limited address
+        self._tls_count = 0  # TLS connections open (max-tls-clients)
         self._refused: dict[str, int] = {}  # why -> connections refused since last reported
         self._spare_fd = -1  # closed to accept-and-close when out of fds
         self._store: Store | None = None  # the history on disk, if there is a state directory
@@ -339,14 +342,15 @@ class Server:
         self.hub.keep_durably(loaded.messages)
         return store
 
-    def _commit(self) -> None:
+    def _commit(self, retry: bool = False) -> None:
         """The group commit: the messages of this turn go to disk (one write,
-        one fsync) before any of their acks is sent."""
+        one fsync) before any of their acks is sent. What the disk refused is
+        tried again with the next messages, or by a timer (``retry``)."""
         store = self._store
         if store is None:
             return
         posted = self.hub.take_posted()
-        if not posted:
+        if not posted and not (retry and store.pending):
             return
         for msg in posted:
             store.append(msg)
@@ -363,22 +367,30 @@ class Server:
                 )
             self._store_problem = problem
             self.hub.confirm(False, problem)
-        else:
-            if self._store_problem is not None:
-                log.warning("Saving the history to disk works again")
-                self._store_problem = None
-            self.hub.confirm(True)
-            if store.unsynced and self._sync_timer is None:
-                self._sync_timer = self.loop.call_later(self.settings.sync_interval, self._sync)
-        self._schedule_flush()
+            if self._sync_timer is None:  # try again even if nobody posts meanwhile
+                self._sync_timer = self.loop.call_later(STORE_RETRY, self._sync)
+            self._schedule_flush()  # the not_stored errors
+            return
+        if self._store_problem is not None:
+            log.warning("Saving the history to disk works again")
+            self._store_problem = None
+        self.hub.confirm(True)
+        if store.unsynced and self._sync_timer is None:
+            self._sync_timer = self.loop.call_later(self.settings.sync_interval, self._sync)
+        if posted:
+            self._schedule_flush()  # the acks
 
     def _sync(self) -> None:
         self._sync_timer = None
-        if self._store is not None:
-            try:
-                self._store.sync()
-            except OSError as exc:
-                log.error("Cannot fsync the history: %s", exc.strerror)
+        if self._store is None:
+            return
+        if self._store.pending:  # the disk refused them: try again
+            self._commit(retry=True)
+            return
+        try:
+            self._store.sync()
+        except OSError as exc:
+            log.error("Cannot fsync the history: %s", exc.strerror)
 
     def _check_exposure(self, s: Settings, tokens: list[bytes]) -> None:
         """Refuse to serve anyone beyond this machine without a token, unless
@@ -503,7 +515,12 @@ class Server:
             os.close(self._spare_fd)
             self._spare_fd = -1
         if self._store is not None:
-            self._commit()
+            self._commit(retry=True)
+            if self._store.pending:
+                log.error(
+                    "Stopping with messages the disk refused (%s): they are not saved",
+                    self._store_problem,
+                )
             self._store.close()
             log.info(
                 "History saved: %d messages written, %d fsyncs since start",
@@ -574,6 +591,14 @@ class Server:
                     f"server full ({s.max_clients} connections); try later",
                 )
                 continue
+            if kind == "tls" and self._tls_count >= s.max_tls_clients:
+                self._refuse(
+                    sock,
+                    kind,
+                    f"{s.max_tls_clients} TLS connections already (max-tls-clients)",
+                    "",
+                )
+                continue
             host = addr[0] if kind != "unix" and self._limited(addr[0]) else None
             if host is not None and self._per_address.get(host, 0) >= s.max_per_address:
                 self._refuse(
@@ -591,6 +616,7 @@ class Server:
             conn.host = host
             if kind == "tls":
                 assert self._tls_context is not None
+                self._tls_count += 1
                 conn.tls = self._tls_stream(self._tls_context)
                 conn.opened = False  # the hub hears of it once the handshake is done
             else:
@@ -616,15 +642,6 @@ class Server:
         if self._spare_fd >= 0:
             os.close(self._spare_fd)
             self._spare_fd = -1
-        if self._store is not None:
-            self._commit()
-            self._store.close()
-            log.info(
-                "History saved: %d messages written, %d fsyncs since start",
-                self._store.written,
-                self._store.fsyncs,
-            )
-            self._store = None
             try:
                 sock, _ = listener.accept()
             except OSError:
@@ -1027,6 +1044,8 @@ class Server:
             return
         self._paused.discard(cid)
         self._ended.discard(cid)
+        if conn.tls is not None:
+            self._tls_count -= 1
         if conn.host is not None:
             left = self._per_address.pop(conn.host) - 1
             if left:

@@ -10,13 +10,18 @@ The format (docs/protocol.md states what it guarantees):
 - A segment is closed once it holds ``segment_records`` records (the
   ``history`` setting) and a new one begins; only the two newest are kept, so
   the disk holds between one and two histories' worth, and at least all the
-  server replays.
+  server replays. A segment's records are numbered without a gap: when
+  numbering skips (records given up while the disk refused them), a new
+  segment begins.
 - At start, every record's checksum is verified. A damaged or cut tail (a
   power cut mid-write) is cut off, the damage logged with the number of
-  records lost; the messages before it stay. The history id is the one in
+  records lost; the messages before it stay. A newest segment holding no
+  message (its header cut while it was being created, or numbered past what
+  the segment before still holds) is removed. The history id is the one in
   the files: clients resume across a restart without a gap.
-- Newer formats are refused by name (``StoreError``); this version reads
-  format 1, and later versions are to read it too.
+- The format line decides first: a newer format is refused by name
+  (``StoreError``), never repaired or removed; this version reads format 1,
+  and later versions are to read it too.
 
 Writing is the server's: ``append`` buffers records; ``commit`` writes them
 (one write) and, with ``sync``, fsyncs once -- the group commit: every message
@@ -271,23 +276,27 @@ class Store:
             segments.append(seg)
         if not segments:
             return Loaded(None, [])
-        last = segments[-1]
-        self.history_id = last.history_id
-        # Only one contiguous run, ending with the newest, can be replayed.
-        messages: list[Message] = []
-        for seg in reversed(segments):
-            if seg.history_id != self.history_id:
+        while True:
+            last = segments[-1]
+            self.history_id = last.history_id
+            messages = _joined(segments)
+            follows = messages[-1].seq + 1 if messages else 1  # the seq the server goes on with
+            if last.messages or last.first_seq == follows:
                 break
-            if messages and (not seg.messages or seg.messages[-1].seq + 1 != messages[0].seq):
-                if seg.messages:
-                    log.warning(
-                        "History file %s does not join the newer ones; its %d messages are "
-                        "not replayed",
-                        seg.path,
-                        len(seg.messages),
-                    )
-                break
-            messages[:0] = seg.messages
+            # A newest segment with no message whose numbering does not follow
+            # the messages kept (the segment before it lost its tail): records
+            # written to it would be misnumbered, read as damage at the next
+            # start. It holds nothing: remove it, go on in the one before.
+            log.warning(
+                "History file %s holds no message and does not follow the %d kept; removed",
+                last.path,
+                len(messages),
+            )
+            self.files.unlink(last.path)
+            segments.pop()
+            if not segments:
+                self._next_seq = follows
+                return Loaded(self.history_id, [])
         self._segments = [s.path for s in segments]
         self._next_seq = last.first_seq + len(last.messages)
         self._open_last(last)
@@ -422,6 +431,27 @@ class Store:
                 pass
             self.files.close(self._fd)
             self._fd = -1
+
+
+def _joined(segments: list[Segment]) -> list[Message]:
+    """The one contiguous run of messages, ending with the newest, that can
+    be replayed."""
+    history_id = segments[-1].history_id
+    messages: list[Message] = []
+    for seg in reversed(segments):
+        if seg.history_id != history_id:
+            break
+        if messages and (not seg.messages or seg.messages[-1].seq + 1 != messages[0].seq):
+            if seg.messages:
+                log.warning(
+                    "History file %s does not join the newer ones; its %d messages are "
+                    "not replayed",
+                    seg.path,
+                    len(seg.messages),
+                )
+            break
+        messages[:0] = seg.messages
+    return messages
 
 
 def _offset_after(buf: bytearray, records: int) -> int:
