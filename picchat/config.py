@@ -96,7 +96,7 @@ class Settings:
     )
     max_clients: int = _opt(10000, "connections served at once", minimum=1)
     max_tls_clients: int = _opt(
-        2000,
+        1000,
         "TLS connections served at once (each costs about 18 KiB more than a plain one), "
         "within max-clients",
         minimum=1,

@@ -39,6 +39,13 @@ class Timer:
 
     def cancel(self) -> None:
         self.cancelled = True
+        # A cancelled timer stays in the heap until its time comes: let go of
+        # what its callback holds (a closed connection, its TLS state) now.
+        self.callback = _nothing
+
+
+def _nothing() -> None:
+    pass
 
 
 class _Handlers:
@@ -60,6 +67,7 @@ class Loop:
         self._selector = selector or selectors.DefaultSelector()
         self._handlers: dict[int, _Handlers] = {}
         self._timers: list[tuple[float, int, Timer]] = []
+        self._compact_at = 64  # heap size at which cancelled timers are swept out
         self._counter = itertools.count()
         self._soon: list[Callback] = []
         self._signals: dict[int, Callback] = {}
@@ -118,6 +126,13 @@ class Loop:
     # ---- timers and deferred calls ----------------------------------------
 
     def call_at(self, when: float, callback: Callback) -> Timer:
+        if len(self._timers) >= self._compact_at:
+            # Cancelled timers wait in the heap until their time: under a storm
+            # of short connections (each with a login timer) sweep them out
+            # whenever the heap has doubled since the last sweep: amortised O(1).
+            self._timers = [entry for entry in self._timers if not entry[2].cancelled]
+            heapq.heapify(self._timers)
+            self._compact_at = max(64, 2 * len(self._timers))
         timer = Timer(when, callback)
         heapq.heappush(self._timers, (when, next(self._counter), timer))
         return timer

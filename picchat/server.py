@@ -109,6 +109,7 @@ class Conn:
         "opened",
         "host",
         "bucket",
+        "login_timer",
     )
 
     def __init__(
@@ -124,6 +125,7 @@ class Conn:
         self.opened = True  # known to the hub (a TLS peer: once its handshake is done)
         self.host: str | None = None  # its address, if counted for max-per-address
         self.bucket: TokenBucket | None = None  # its rate limit, from its first line on
+        self.login_timer: Timer | None = None  # its login-timeout, cancelled when it goes
 
 
 class Server:
@@ -624,7 +626,7 @@ class Server:
             # Time to finish the handshake, /auth and the first line once
             # begun (slowloris). A silent peer costs an fd and a few KiB
             # until then and delays no one; an idle one may stay.
-            self.loop.call_later(
+            conn.login_timer = self.loop.call_later(
                 s.login_timeout, lambda cid=cid, conn=conn: self._login_deadline(cid, conn)
             )
             self.loop.add_reader(sock.fileno(), lambda cid=cid: self._readable(cid))
@@ -644,9 +646,12 @@ class Server:
             self._spare_fd = -1
             try:
                 sock, _ = listener.accept()
+            except BlockingIOError:
+                # Nobody is waiting: accept() wanted an fd before it looked.
+                self._spare_fd = _open_spare()
+                return False
             except OSError:
                 sock = None
-            self._spare_fd = _open_spare()
             if sock is not None:
                 self._refuse(
                     sock,
@@ -654,7 +659,10 @@ class Server:
                     f"out of file descriptors ({exc.strerror})",
                     "server busy (out of file descriptors); try later",
                 )
-                return self._spare_fd >= 0
+            # Only now: the refused socket had the spare's fd until _refuse closed it.
+            self._spare_fd = _open_spare()
+            if sock is not None and self._spare_fd >= 0:
+                return True
         log.error(
             "Out of file descriptors (%s); not accepting for %.0f s", exc.strerror, EMFILE_PAUSE
         )
@@ -1051,6 +1059,8 @@ class Server:
             if left:
                 self._per_address[conn.host] = left
         self.loop.forget(conn.sock.fileno())
+        if conn.login_timer is not None:
+            conn.login_timer.cancel()  # and with it the closure that holds conn
         if conn.tls is not None:
             try:  # close_notify, best effort: the peer learns the end was meant
                 conn.sock.send(conn.tls.close())

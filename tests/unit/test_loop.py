@@ -315,3 +315,28 @@ def test_close_restores_signal_handlers_and_wakeup_fd():
     finally:
         signal.signal(signal.SIGUSR1, old_handler)
         signal.set_wakeup_fd(old_wakeup)
+
+
+def test_cancelled_timers_are_swept_out_of_the_heap_and_release_their_callbacks():
+    from picchat.loop import Loop
+
+    loop = Loop()
+    try:
+        held = []
+        timers = [loop.call_later(3600, lambda i=i: held.append(i)) for i in range(10_000)]
+        for t in timers[:-10]:
+            t.cancel()
+        assert timers[0].callback is not timers[-1].callback  # let go of what it held
+        timers[0].callback()  # and calling it does nothing
+        assert held == []
+        # A storm of short connections: each brings a timer that is soon cancelled.
+        smallest = len(loop._timers)
+        for _ in range(20_000):
+            loop.call_later(3600, lambda: None).cancel()
+            smallest = min(smallest, len(loop._timers))
+        assert smallest < 100  # swept once the heap had doubled, down to the live ones
+        assert len(loop._timers) <= 2 * 10_000 + 64  # never more than twice what it held
+        live = {entry[2] for entry in loop._timers if not entry[2].cancelled}
+        assert set(timers[-10:]) <= live
+    finally:
+        loop.close()
