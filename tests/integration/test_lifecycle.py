@@ -257,3 +257,23 @@ def test_help_shows_every_setting():
     assert not missing, f"--help does not show {missing}"
     for word in ("--config", "default:", "Exit codes", "69", "78"):
         assert word in text, word
+
+
+def test_the_soft_fd_limit_is_raised_to_the_hard_one_and_a_low_one_is_explained(start_server):
+    import shutil
+    from pathlib import Path
+
+    if shutil.which("prlimit") is None:
+        pytest.skip("prlimit (util-linux) is needed to start the server with a low fd limit")
+
+    def soft_limit(pid: int) -> int:
+        text = Path(f"/proc/{pid}/limits").read_text()
+        return int(re.search(r"Max open files\s+(\d+)", text).group(1))
+
+    server = start_server(prefix=["prlimit", "--nofile=256:4096"])
+    assert soft_limit(server.pid) == 4096
+    assert not any("file descriptors are allowed" in line for line in server.lines)
+    # A hard limit below max-clients: said once at start, with the setting to change.
+    low = start_server("--max-clients", "10000", prefix=["prlimit", "--nofile=512:512"])
+    line = low.wait_for_log(r"max-clients is 10000 but only 512 file descriptors")
+    assert "LimitNOFILE=" in line
