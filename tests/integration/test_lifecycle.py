@@ -270,7 +270,7 @@ def test_the_soft_fd_limit_is_raised_to_the_hard_one_and_a_low_one_is_explained(
         text = Path(f"/proc/{pid}/limits").read_text()
         return int(re.search(r"Max open files\s+(\d+)", text).group(1))
 
-    server = start_server(prefix=["prlimit", "--nofile=256:4096"])
+    server = start_server("--max-clients", "1000", prefix=["prlimit", "--nofile=256:4096"])
     assert soft_limit(server.pid) == 4096
     assert not any("file descriptors are allowed" in line for line in server.lines)
     # A hard limit below max-clients: said once at start, with the setting to change.
