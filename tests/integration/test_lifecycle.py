@@ -274,6 +274,6 @@ def test_the_soft_fd_limit_is_raised_to_the_hard_one_and_a_low_one_is_explained(
     assert soft_limit(server.pid) == 4096
     assert not any("file descriptors are allowed" in line for line in server.lines)
     # A hard limit below max-clients: said once at start, with the setting to change.
-    low = start_server("--max-clients", "10000", prefix=["prlimit", "--nofile=512:512"])
+    low = start_server("--max-clients", "10000", sock=None, prefix=["prlimit", "--nofile=512:512"])
     line = low.wait_for_log(r"max-clients is 10000 but only 512 file descriptors")
     assert "LimitNOFILE=" in line
