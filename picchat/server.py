@@ -342,6 +342,10 @@ class Server:
             store.start(self.hub.room.history_id, 1)
             log.info("History: a new one, kept in %s", path)
         self.hub.keep_durably(loaded.messages)
+        try:
+            store.ready(self.hub.room.seq + 1)
+        except OSError as exc:
+            raise ConfigError(f"cannot write the history in {path}: {exc.strerror}") from None
         return store
 
     def _commit(self, retry: bool = False) -> None:

@@ -311,6 +311,12 @@ class Store:
         self._size = seg.good_size
         self._records = len(seg.messages)
 
+    def ready(self, next_seq: int) -> None:
+        """Have a segment open for writing from the start (raises OSError): its
+        fd is then held, so running out of fds later cannot stop the saving."""
+        if self._fd < 0:
+            self._rotate(next_seq)
+
     def start(self, history_id: str, next_seq: int) -> None:
         """A new history (nothing loaded): its first segment comes with its first message."""
         self.history_id = history_id
