@@ -34,9 +34,14 @@ format: $(VENV)/.installed
 	$(VENV)/bin/ruff format picchat tests bench
 	$(VENV)/bin/ruff check --fix picchat tests bench
 
-# Benchmarks (not part of `make test`): what durability costs, per sync policy.
+# Benchmarks (not part of `make test`): what durability costs, per sync policy; then
+# picchat against ncat, miniircd and mosquitto (installs them; rewrites docs/benchmarks.md).
 bench:
 	$(PYTHON) bench/durability.py
+	$(PYTHON) bench/run.py --runs 3 --json /var/tmp/picchat-bench.json
+	$(PYTHON) bench/run.py --runs 1 --scenarios stall-long --json /var/tmp/picchat-bench-long.json
+	$(PYTHON) bench/run.py --from-json /var/tmp/picchat-bench.json,/var/tmp/picchat-bench-long.json \
+		--write docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
