@@ -174,6 +174,12 @@ if [ -d "$PREFIX/$site/picchat" ]; then
         fi
     done
 fi
+# Compiled once here: the service runs with a read-only /opt (ProtectSystem=strict) and
+# could never write its __pycache__, so it would recompile at every start.
+if [ "$code_changed" -eq 1 ]; then
+    say "compiling the Python files"
+    run "$PREFIX/bin/python3" -m compileall -q "$PREFIX/$site/picchat"
+fi
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"; rm -f "$TLS_DIR/key.pem.new" "$TLS_DIR/cert.pem.new"' EXIT

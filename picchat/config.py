@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -299,6 +298,8 @@ def _cli(source: str) -> bool:
 
 
 def read_config_file(path: str) -> dict[str, Any]:
+    import tomllib  # only with a config file: start-up time and memory
+
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)

@@ -28,9 +28,13 @@ Invariants:
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import secrets
+import os
+
+try:  # the C module hashlib takes blake2b from, without loading OpenSSL's libcrypto
+    from _blake2 import blake2b
+except ImportError:  # pragma: no cover - a Python built without it
+    from hashlib import blake2b
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -177,7 +181,7 @@ class Hub:
         max_sessions: int = 10000,
         dedupe_window: int = 128,
         max_total: int = 1 << 62,
-        new_token: Callable[[], str] = lambda: secrets.token_hex(16),
+        new_token: Callable[[], str] = lambda: os.urandom(16).hex(),
         reserved_names: tuple[str, ...] = (),
         gate: Gate | None = None,
     ) -> None:
@@ -199,7 +203,7 @@ class Hub:
         self.messages = 0  # accepted since start
         self._dirty: set[int] = set()
         self._doomed: list[tuple[int, str]] = []
-        self._id_secret = secrets.token_bytes(16)
+        self._id_secret = os.urandom(16)
         # With durable history (the server's store): messages posted and not
         # yet handed to the store, and acks that wait until they are on disk.
         self.posted: list[Message] | None = None
@@ -551,7 +555,7 @@ class Hub:
     def _id_key(self, id_: str) -> int:
         """A message id as a 64-bit hash, keyed with a secret of this server so
         that no client can make two of its ids collide on purpose."""
-        digest = hashlib.blake2b(id_.encode(), digest_size=8, key=self._id_secret).digest()
+        digest = blake2b(id_.encode(), digest_size=8, key=self._id_secret).digest()
         return int.from_bytes(digest, "little")
 
     def _judge(self, peer: Peer, now: float, token: bytes | None = None) -> None:

@@ -16,7 +16,6 @@ import errno
 import logging
 import os
 import resource
-import secrets
 import signal
 import socket
 import stat
@@ -110,6 +109,7 @@ class Conn:
         "host",
         "bucket",
         "login_timer",
+        "since",
     )
 
     def __init__(
@@ -126,6 +126,7 @@ class Conn:
         self.host: str | None = None  # its address, if counted for max-per-address
         self.bucket: TokenBucket | None = None  # its rate limit, from its first line on
         self.login_timer: Timer | None = None  # its login-timeout, cancelled when it goes
+        self.since = 0.0  # when it was accepted (loop time), for login-timeout
 
 
 class Server:
@@ -168,7 +169,7 @@ class Server:
         self.addresses: list[str] = []
         self.gate = Gate((), settings.auth_backoff)
         self.hub = Hub(
-            history_id=secrets.token_hex(8),
+            history_id=os.urandom(8).hex(),
             max_line=settings.max_line,
             gate=self.gate,
             **self._hub_limits(),
@@ -627,12 +628,13 @@ class Server:
                 conn.opened = False  # the hub hears of it once the handshake is done
             else:
                 self.hub.open(cid, address, kind, user, auth)
-            # Time to finish the handshake, /auth and the first line once
-            # begun (slowloris). A silent peer costs an fd and a few KiB
-            # until then and delays no one; an idle one may stay.
-            conn.login_timer = self.loop.call_later(
-                s.login_timeout, lambda cid=cid, conn=conn: self._login_deadline(cid, conn)
-            )
+            # Time to finish the handshake and /auth; for a plain anonymous
+            # connection the clock starts now too, but the timer only once it
+            # begins a first line (_arm_login): an idle listener costs no
+            # timer and no wake-up. A silent peer delays no one meanwhile.
+            conn.since = self.loop.time()
+            if conn.tls is not None or auth:
+                self._arm_login(cid, conn)
             self.loop.add_reader(sock.fileno(), lambda cid=cid: self._readable(cid))
             self._after_hub()
 
@@ -708,6 +710,12 @@ class Server:
         if any(listener is sock for sock, _ in self._listeners):
             self.loop.add_reader(listener.fileno(), lambda: self._accept(listener, kind))
 
+    def _arm_login(self, cid: int, conn: Conn) -> None:
+        left = conn.since + self.settings.login_timeout - self.loop.time()
+        conn.login_timer = self.loop.call_later(
+            max(0.0, left), lambda: self._login_deadline(cid, conn)
+        )
+
     def _login_deadline(self, cid: int, conn: Conn) -> None:
         if self._conns.get(cid) is not conn:
             return
@@ -760,6 +768,8 @@ class Server:
             self._internal_error(cid)
             return
         self._spent(conn, cid, before)
+        if conn.login_timer is None and self.hub.first_line_pending(cid):
+            self._arm_login(cid, conn)  # a first line begun: it has until the deadline
         self._input_done(cid)
 
     def _allowed(self, conn: Conn) -> int:
