@@ -277,3 +277,33 @@ def test_the_soft_fd_limit_is_raised_to_the_hard_one_and_a_low_one_is_explained(
     low = start_server("--max-clients", "10000", sock=None, prefix=["prlimit", "--nofile=512:512"])
     line = low.wait_for_log(r"max-clients is 10000 but only 512 file descriptors")
     assert "LimitNOFILE=" in line
+
+
+def test_idle_listeners_cost_no_timer_and_no_wake_up_but_a_begun_line_has_a_deadline(
+    start_server, clients
+):
+    from .support import voluntary_ctxt_switches
+
+    server = start_server("--login-timeout", "1")
+    listeners = []
+    for i in range(6):  # 150 ms apart: six login timers would fire at six moments
+        listeners.append(Client(server.port, f"idle{i}"))
+        time.sleep(0.15)
+    clients.extend(listeners)
+    slow = Client(server.port, "slow")
+    clients.append(slow)
+    slow.send_raw(b"half a line, never ended")
+    time.sleep(0.3)  # the server reads it and arms the deadline for that one only
+    v0 = voluntary_ctxt_switches(server.pid)
+    time.sleep(1.5)  # past every listener's login deadline
+    v1 = voluntary_ctxt_switches(server.pid)
+    # One wake-up for the slow one's deadline (and its close), none for the six.
+    assert v1 - v0 <= 3, f"{v1 - v0} wake-ups: the idle listeners have timers"
+    server.wait_for_log(r"it did not finish its first line within 1 s \(login-timeout\)")
+    slow.read_until_eof(timeout=5)
+    # The listeners are still here and still get the chat.
+    talker = Client(server.port, "talker")
+    clients.append(talker)
+    talker.send_line("still there?")
+    for c in listeners:
+        c.expect(r": still there\?$")
