@@ -119,7 +119,6 @@ class InteractiveClient:
         self._conn: ClientConnection | None = None
         self._out = bytearray()
         self._tls: TlsStream | None = None
-        self._raw_out = bytearray()  # TLS records the kernel has not taken yet
         self._connecting = False
         self._ever_connected = False
         self._retry_timer: Timer | None = None
@@ -444,24 +443,17 @@ class InteractiveClient:
             return
         tls = self._tls
         try:
-            if tls is None:
+            if tls is not None:
+                tls.send(sock.send, self._out)
+            else:
                 while self._out:
                     del self._out[: sock.send(self._out)]
-            else:
-                while True:
-                    if tls.output_pending:
-                        self._raw_out += tls.take_output()
-                    while self._raw_out:
-                        del self._raw_out[: sock.send(self._raw_out)]
-                    if not self._out or not tls.handshaken:
-                        break
-                    del self._out[: tls.write(self._out)]
         except BlockingIOError:
             pass
         except OSError as exc:
             self._lost(exc.strerror or "send failed")
             return
-        if (self._out and (tls is None or tls.handshaken)) or self._raw_out:
+        if (self._out and (tls is None or tls.handshaken)) or (tls is not None and tls.unsent):
             self.loop.add_writer(sock.fileno(), self._flush)
         else:
             self.loop.remove_writer(sock.fileno())
@@ -474,7 +466,6 @@ class InteractiveClient:
         self._conn = None
         self._out.clear()
         self._tls = None
-        self._raw_out.clear()
         self._connecting = False
         if self._retry_timer is not None:
             self._retry_timer.cancel()

@@ -104,7 +104,6 @@ class Conn:
         "user",
         "auth",
         "tls",
-        "raw_out",
         "opened",
         "host",
         "bucket",
@@ -121,7 +120,6 @@ class Conn:
         self.user = user  # the local user behind a Unix socket connection
         self.auth = auth  # must send a token before it is in the room
         self.tls: TlsStream | None = None
-        self.raw_out = bytearray()  # TLS records the kernel has not taken yet
         self.opened = True  # known to the hub (a TLS peer: once its handshake is done)
         self.host: str | None = None  # its address, if counted for max-per-address
         self.bucket: TokenBucket | None = None  # its rate limit, from its first line on
@@ -1012,7 +1010,8 @@ class Server:
             if not self._send(cid, conn, out):
                 return  # dropped
             # A resuming client's replay is copied in as the queue drains.
-            if out or conn.raw_out or not conn.opened or not self.hub.replaying(cid):
+            unsent = conn.tls is not None and conn.tls.unsent
+            if out or unsent or not conn.opened or not self.hub.replaying(cid):
                 break
             self.hub.refill(cid)
             if not out:
@@ -1021,7 +1020,7 @@ class Server:
             self._drop(cid, "too slow")
             return
         fd = conn.sock.fileno()
-        if out or conn.raw_out:
+        if out or (conn.tls is not None and conn.tls.unsent):
             if not self.loop.has_writer(fd):
                 self.loop.add_writer(fd, lambda: self._writable(cid))
         else:
@@ -1032,27 +1031,19 @@ class Server:
     def _send(self, cid: int, conn: Conn, out: bytearray) -> bool:
         """Send from ``out`` what the kernel takes (through TLS if any);
         False if the connection failed and was dropped."""
-        sock, tls = conn.sock, conn.tls
+        sock = conn.sock
         try:
-            if tls is None:
+            if conn.tls is not None:
+                conn.tls.send(sock.send, out)
+            else:
                 while out:
                     del out[: sock.send(out)]
-                return True
-            # TLS: encrypt a record only once the last one has gone, so at
-            # most one record of ciphertext waits besides the queue.
-            while True:
-                if tls.output_pending:
-                    conn.raw_out += tls.take_output()
-                while conn.raw_out:
-                    del conn.raw_out[: sock.send(conn.raw_out)]
-                if not out or not tls.handshaken:
-                    return True
-                del out[: tls.write(out)]
         except BlockingIOError:
-            return True
+            pass
         except OSError as exc:
             self._drop(cid, exc.strerror or "send failed")
             return False
+        return True
 
     def _writable(self, cid: int) -> None:
         if cid in self._conns:

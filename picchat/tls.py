@@ -20,7 +20,7 @@ import binascii
 import hashlib
 import os
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from .auth import SecretError, read_secret
@@ -31,7 +31,7 @@ RECORD = 16384  # the largest TLS record's plaintext: one write, one record
 class TlsStream:
     """One TLS connection's state; the caller moves raw bytes both ways."""
 
-    __slots__ = ("_in", "_out", "_obj", "handshaken", "eof")
+    __slots__ = ("_in", "_out", "_obj", "_unsent", "handshaken", "eof")
 
     def __init__(
         self, context: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None
@@ -43,6 +43,7 @@ class TlsStream:
         )
         self.handshaken = False
         self.eof = False  # the peer ended the stream (close_notify or its TCP FIN)
+        self._unsent = bytearray()  # ciphertext the kernel has not taken yet (see send)
 
     def start(self) -> None:
         """A client's first step: its hello goes out with ``take_output``."""
@@ -92,6 +93,26 @@ class TlsStream:
         were taken (their ciphertext waits in ``take_output``)."""
         chunk = memoryview(data)[:RECORD]
         return self._obj.write(chunk) if chunk else 0
+
+    def send(self, send: Callable[[bytearray], int], out: bytearray) -> None:
+        """Hand ``send`` (a non-blocking socket's) what it takes: the ciphertext
+        made already, then ``out`` a record at a time, deleting from ``out``
+        what was encrypted. A record is encrypted only once the last one has
+        gone, so at most one record of ciphertext waits besides ``out``.
+        ``send``'s BlockingIOError (the kernel is full) and OSError propagate."""
+        while True:
+            if self._out.pending:
+                self._unsent += self._out.read()
+            while self._unsent:
+                del self._unsent[: send(self._unsent)]
+            if not out or not self.handshaken:
+                return
+            del out[: self.write(out)]
+
+    @property
+    def unsent(self) -> bool:
+        """Ciphertext waits to be sent (call ``send`` when the socket is writable)."""
+        return bool(self._unsent) or self._out.pending > 0
 
     def take_output(self) -> bytes:
         """Raw bytes to send to the peer."""

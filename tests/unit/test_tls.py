@@ -175,6 +175,39 @@ def test_more_than_a_record_takes_several(server_ctx):
     assert b"".join(server.receive(p) for p in pieces) == data[::-1]
 
 
+def test_send_hands_over_what_the_kernel_takes_a_record_at_a_time(server_ctx):
+    server, client = connect(server_ctx)
+    data = os.urandom(3 * RECORD + 1234)
+    out = bytearray(data)
+    wire = bytearray()
+    room = 0  # bytes the fake kernel takes before it is full
+
+    def kernel_send(buf: bytearray) -> int:
+        nonlocal room
+        if room == 0:
+            raise BlockingIOError
+        taken = min(room, len(buf), 5000)
+        wire.extend(buf[:taken])
+        room -= taken
+        return taken
+
+    with pytest.raises(BlockingIOError):
+        server.send(kernel_send, out)
+    assert len(out) == len(data) - RECORD  # one record encrypted, none sent: no more
+    assert server.unsent
+    sends = 0
+    while out or server.unsent:
+        sends += 1
+        assert sends < 100
+        room = 7000
+        try:
+            server.send(kernel_send, out)
+        except BlockingIOError:
+            assert len(data) - len(out) - len(wire) <= 2 * RECORD  # one record waits, at most
+    assert not server.unsent
+    assert client.receive(bytes(wire)) == data
+
+
 def test_write_takes_one_record_at_most(server_ctx):
     server, _ = connect(server_ctx)
     assert server.write(b"x" * (RECORD + 1)) == RECORD
