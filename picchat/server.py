@@ -352,11 +352,10 @@ class Server:
         one fsync) before any of their acks is sent. What the disk refused is
         tried again with the next messages, or by a timer (``retry``)."""
         store = self._store
-        if store is None:
+        # Called before every send: nothing to take is the common case.
+        if store is None or not (self.hub.posted or (retry and store.pending)):
             return
         posted = self.hub.take_posted()
-        if not posted and not (retry and store.pending):
-            return
         for msg in posted:
             store.append(msg)
         try:
