@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .auth import SecretError, parse_tokens, read_secret
+from .auth import SecretError, load_tokens
 from .tls import KnownHosts, check_server, client_context, known_hosts_path, parse_fingerprint
 
 DEFAULT_TLS_PORT = 1235  # what `install.sh --tls` configures
@@ -53,19 +53,14 @@ def from_options(
 ) -> Credentials:
     """Raises ValueError with a message for the user (a usage error)."""
     env = os.environ if env is None else env
-    token = None
-    try:
+    try:  # the server's reading of both, the file first; a client sends the first token
         if token_file:
-            tokens = parse_tokens(read_secret(token_file), token_file)
-            if not tokens:
-                raise ValueError(f"token file {token_file} holds no token")
-            token = tokens[0]
-        elif env.get("PICCHAT_TOKEN"):
-            token = parse_tokens(env["PICCHAT_TOKEN"].encode(), "PICCHAT_TOKEN")[0]
+            tokens = load_tokens(token_file, None)
+        else:
+            tokens = load_tokens("", env.get("PICCHAT_TOKEN"))
     except SecretError as exc:
         raise ValueError(str(exc)) from None
-    except IndexError:
-        raise ValueError("PICCHAT_TOKEN is empty") from None
+    token = tokens[0] if tokens else None
     pin = parse_fingerprint(fingerprint) if fingerprint else None
     if ca_file and pin:
         raise ValueError("give --ca-file or --fingerprint, not both")
