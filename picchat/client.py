@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from . import __version__
 from .client_session import ClientSession, Closing, NameChanged, Output, Show
 from .config import client_socket_paths
-from .credentials import DEFAULT_TLS_PORT, Credentials
+from .credentials import DEFAULT_TLS_PORT, Credentials, tls_failure
 from .editor import Editor, Line, QuitRequest
 from .endpoints.listeners import set_keepalive
 from .exits import EX_NOPERM, EX_OK, EX_PROTOCOL
@@ -388,18 +388,8 @@ class InteractiveClient:
         was_handshaken = tls.handshaken
         try:
             plain = tls.receive(raw)
-        except ssl.SSLCertVerificationError as exc:
-            self._show(
-                f"! the certificate of {self.target.label} does not verify with the CA file: "
-                f"{exc.verify_message}"
-            )
-            self._stop(EX_PROTOCOL)
-            return None
         except ssl.SSLError as exc:
-            self._show(
-                f"! TLS with {self.target.label} failed ({exc.reason or exc}); "
-                "is it picchat's TLS port (tls-port)?"
-            )
+            self._show(f"! {tls_failure(exc, self.target.label)}")
             self._stop(EX_PROTOCOL)
             return None
         except ConnectionError:

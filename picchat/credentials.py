@@ -44,6 +44,14 @@ class Credentials:
         return check_server(der, label, self.pin, KnownHosts(self.known_hosts))
 
 
+def tls_failure(exc: OSError, label: str) -> str:
+    """What to tell the user when the TLS handshake with ``label`` failed."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"the certificate of {label} does not verify with the CA file: {exc.verify_message}"
+    reason = getattr(exc, "reason", None) or exc
+    return f"TLS with {label} failed ({reason}); is it picchat's TLS port (tls-port)?"
+
+
 def from_options(
     token_file: str | None,
     tls: bool,

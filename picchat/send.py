@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import client_socket_paths
-from .credentials import DEFAULT_TLS_PORT, Credentials
+from .credentials import DEFAULT_TLS_PORT, Credentials, tls_failure
 from .exits import EX_DATAERR, EX_NOPERM, EX_PROTOCOL, EX_TEMPFAIL, EX_UNAVAILABLE
 from .protocol import (
     AuthRefused,
@@ -123,22 +123,12 @@ def _start_tls(sock: socket.socket, host: str, where: str, creds: Credentials) -
     """The handshake (blocking, within the timeout), then the certificate check."""
     try:
         tls = creds.context().wrap_socket(sock, server_hostname=host)
-    except ssl.SSLCertVerificationError as exc:
-        sock.close()
-        raise SendError(
-            f"the certificate of {where} does not verify with the CA file: {exc.verify_message}",
-            EX_PROTOCOL,
-        ) from None
     except TimeoutError:
         sock.close()
         raise SendError(f"the TLS handshake with {where} timed out", EX_TEMPFAIL) from None
-    except (ssl.SSLError, OSError) as exc:
+    except OSError as exc:  # ssl.SSLError among them
         sock.close()
-        raise SendError(
-            f"TLS with {where} failed ({getattr(exc, 'reason', None) or exc}); is it "
-            "picchat's TLS port (tls-port)?",
-            EX_PROTOCOL,
-        ) from None
+        raise SendError(tls_failure(exc, where), EX_PROTOCOL) from None
     try:
         notice = creds.check(tls.getpeercert(binary_form=True), where)
     except CertificateMismatch as exc:
