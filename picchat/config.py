@@ -163,8 +163,8 @@ class Settings:
     )
     login_timeout: float = _opt(
         30.0,
-        "seconds a new connection has to finish its TLS handshake and, where a token is "
-        "needed, to authenticate",
+        "seconds a new connection has to finish its TLS handshake, to authenticate where a "
+        "token is needed, and to end a first line it has begun (an idle one may stay)",
         minimum=0.1,
         maximum=3600.0,
     )
