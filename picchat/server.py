@@ -91,6 +91,7 @@ LIVE_SETTINGS = (
     "rate_limit",
     "rate_burst",
 )
+FIFO_KEY = -1  # the FIFO's rate-limit bucket among the serial lines' (keyed by their cid)
 CONSOLE_CID = 0  # the hub's id for the server's own terminal (sockets start at 1)
 
 
@@ -148,7 +149,7 @@ class Server:
         self._store: Store | None = None  # the history on disk, if there is a state directory
         self._store_problem: str | None = None  # why the last commit failed, until one works
         self._sync_timer: Timer | None = None
-        # Rate limits of the local inputs: the FIFO's (key -1) and each serial line's (its cid).
+        # Rate limits of the local inputs: the FIFO's (FIFO_KEY) and each serial line's (its cid).
         self._local_buckets: dict[int, TokenBucket] = {}
         self._listeners: list[tuple[socket.socket, str]] = []  # (sock, "tcp"/"unix"/"tls")
         self._tls_context: ssl.SSLContext | None = None
@@ -902,7 +903,7 @@ class Server:
         now = time.time()
         self.hub.receive(bridge.cid, line + b"\n", now)
         self._after_hub()
-        self._throttle(self._local_buckets, bridge.cid, bridge.pause, bridge.resume)
+        self._throttle(bridge.cid, bridge.pause, bridge.resume)
         if bridge.cid in self.hub.room:  # after /nick, the prompt shows the new name
             bridge.set_name(self.hub.room.name_of(bridge.cid))
 
@@ -933,15 +934,9 @@ class Server:
             self._after_hub()
             fifo = self._fifo
             if fifo is not None:
-                self._throttle(self._local_buckets, -1, fifo.pause, fifo.resume)
+                self._throttle(FIFO_KEY, fifo.pause, fifo.resume)
 
-    def _throttle(
-        self,
-        buckets: dict[int, TokenBucket],
-        key: int,
-        pause: Callable[[], None],
-        resume: Callable[[], None],
-    ) -> None:
+    def _throttle(self, key: int, pause: Callable[[], None], resume: Callable[[], None]) -> None:
         """One line taken from a local input (the FIFO, a serial line): when its
         bucket is empty, stop reading it until a token is back (back-pressure;
         the line itself is in already)."""
@@ -949,9 +944,9 @@ class Server:
         if not s.rate_limit:
             return
         now = self.loop.time()
-        bucket = buckets.get(key)
+        bucket = self._local_buckets.get(key)
         if bucket is None:
-            bucket = buckets[key] = TokenBucket(s.rate_limit, s.rate_burst, now)
+            bucket = self._local_buckets[key] = TokenBucket(s.rate_limit, s.rate_burst, now)
         bucket.spend(1)
         if bucket.available(now) < 1:
             pause()
