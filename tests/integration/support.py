@@ -85,7 +85,13 @@ def free_port() -> int:
 class ServerProcess:
     """One real ``python -m picchat`` process; stderr is collected line by line."""
 
-    def __init__(self, args: list[str], env: dict[str, str], sock_path: Path | None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str],
+        sock_path: Path | None,
+        pass_fds: tuple[int, ...] = (),
+    ) -> None:
         self.args = args
         self.sock_path = sock_path
         self.lines: list[str] = []
@@ -98,6 +104,7 @@ class ServerProcess:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            pass_fds=pass_fds,  # socket activation's listeners, as systemd passes them
         )
         self.pid = self.proc.pid
         self._thread = threading.Thread(target=self._drain, daemon=True)

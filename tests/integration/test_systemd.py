@@ -19,7 +19,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,7 +27,6 @@ import pytest
 
 from .support import (
     DEFAULT_TIMEOUT,
-    ROOT,
     Client,
     ServerProcess,
     base_env,
@@ -258,35 +256,10 @@ os.execv(sys.executable, [sys.executable, "-m", "picchat", *sys.argv[sep + 1:]])
 """
 
 
-class ActivatedServer(ServerProcess):
-    """A ServerProcess started with fds passed the way systemd passes them."""
-
-    def __init__(self, args: list[str], env: dict[str, str], pass_fds: tuple[int, ...]) -> None:
-        # As ServerProcess.__init__, plus pass_fds.
-        self.args = args
-        self.sock_path = None
-        self.lines = []
-        self._cond = threading.Condition()
-        self._eof = False
-        self.proc = subprocess.Popen(
-            args,
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            pass_fds=pass_fds,
-        )
-        self.pid = self.proc.pid
-        self._thread = threading.Thread(target=self._drain, daemon=True)
-        self._thread.start()
-        self.port = None
-
-
 @pytest.fixture
-def activate(short_tmp: Path) -> Iterator[Callable[..., ActivatedServer]]:
+def activate(short_tmp: Path) -> Iterator[Callable[..., ServerProcess]]:
     """Factory: a server given ``files`` as fds 3, 4... named ``names``."""
-    started: list[ActivatedServer] = []
+    started: list[ServerProcess] = []
 
     def start(files: list, names: str, *extra: str, env: dict[str, str] | None = None):
         fds = tuple(f if isinstance(f, int) else f.fileno() for f in files)
@@ -296,7 +269,7 @@ def activate(short_tmp: Path) -> Iterator[Callable[..., ActivatedServer]]:
         env.update(LISTEN_FDS=str(len(fds)), LISTEN_FDNAMES=names)
         args = [sys.executable, "-c", ACTIVATE, *map(str, fds), "--", "--presence-interval"]
         args += ["0.2", *extra]
-        server = ActivatedServer(args, env, fds)
+        server = ServerProcess(args, env, None, pass_fds=fds)
         started.append(server)
         server.wait_ready()
         return server
