@@ -72,6 +72,17 @@ def tcp_wmem_max() -> int:
         return 4 << 20
 
 
+def end_process(proc: subprocess.Popen, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """SIGTERM a process we started and reap it (SIGKILL it if it hangs)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on (right now)."""
     with socket.socket() as s:
@@ -437,13 +448,7 @@ class ProcessPeer(LineSource):
 
     def close(self) -> None:
         """End the program we started (by its pid) and reap it."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        end_process(self.proc)
         for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if f is not None:
                 try:
@@ -1081,13 +1086,7 @@ class SocatPair:
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout)
+        end_process(proc, timeout)
         if self._thread is not None:
             self._thread.join(timeout)
         if proc.stderr is not None:
@@ -1249,13 +1248,7 @@ class Netns:
     def close(self) -> None:
         """End the connector and the holder (the namespace goes with it), by pid."""
         for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(DEFAULT_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(DEFAULT_TIMEOUT)
+            end_process(proc)
             if proc.stdout is not None:
                 proc.stdout.close()
         self.procs.clear()
