@@ -21,13 +21,12 @@ import socket
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__, logs, systemd
 from .auth import Gate, SecretError, is_loopback, load_tokens
-from .config import ConfigError, Settings, parse_serial_spec, socket_path, tls_host
+from .config import SETTINGS, ConfigError, Settings, parse_serial_spec, socket_path, tls_host
 from .endpoints import console
 from .endpoints.fifo import FifoReader
 from .endpoints.listeners import (
@@ -271,9 +270,9 @@ class Server:
         old = self.settings
         changed = [f for f in LIVE_SETTINGS if getattr(new, f) != getattr(old, f)]
         later = [
-            f.name.replace("_", "-")
-            for f in fields(new)
-            if f.name not in LIVE_SETTINGS and getattr(new, f.name) != getattr(old, f.name)
+            name.replace("_", "-")
+            for name in SETTINGS
+            if name not in LIVE_SETTINGS and getattr(new, name) != getattr(old, name)
         ]
         self.settings = old.replace(**{f: getattr(new, f) for f in changed})
         self.hub.reconfigure(**self._hub_limits())
