@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any, NoReturn
 
 from . import __version__
 from .config import SETTINGS, ConfigError, env_name, flag, load, setting_type
@@ -20,6 +19,12 @@ from .exits import (
     EX_UNAVAILABLE,
     EX_USAGE,
 )
+
+TYPE_CHECKING = False  # typing is not imported at run time: start-up time
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
+
+    from .credentials import Credentials
 
 
 class Parser(argparse.ArgumentParser):
@@ -178,7 +183,7 @@ def add_target_options(p: Parser) -> None:
     )
 
 
-def credentials(prog: str, args: argparse.Namespace) -> Any:
+def credentials(prog: str, args: argparse.Namespace) -> Credentials:
     """The token and TLS trust from the options; exits 64 with the reason."""
     from .credentials import from_options
 

@@ -18,7 +18,6 @@ import signal
 import socket
 import ssl
 import time
-from dataclasses import dataclass
 
 from . import __version__
 from .client_session import ClientSession, Closing, NameChanged, Output, Show
@@ -26,6 +25,7 @@ from .config import client_socket_paths
 from .credentials import DEFAULT_TLS_PORT, Credentials, tls_failure
 from .editor import Editor, Line, QuitRequest
 from .endpoints.listeners import set_keepalive
+from .events import Value
 from .exits import EX_NOPERM, EX_OK, EX_PROTOCOL
 from .framing import TOO_LONG, LineReader
 from .loop import Loop, Timer
@@ -41,13 +41,17 @@ CONNECT_TIMEOUT = 10.0
 KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 60, 10, 3  # as the server's defaults
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
+class Target(Value):
     """Where to connect: a Unix socket path, or a TCP host and port."""
 
-    path: str | None = None
-    host: str = DEFAULT_HOST
-    port: int = DEFAULT_PORT
+    __slots__ = __match_args__ = ("path", "host", "port")
+
+    def __init__(
+        self, path: str | None = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
+    ) -> None:
+        self.path = path
+        self.host = host
+        self.port = port
 
     @property
     def label(self) -> str:

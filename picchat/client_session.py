@@ -18,11 +18,14 @@ Invariants:
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any
 
+from .events import Value
 from .protocol import encode_hello, encode_request
 from .sanitize import clean_text
+
+TYPE_CHECKING = False  # typing is not imported at run time: start-up time
+if TYPE_CHECKING:
+    from typing import Any
 
 HELP = (
     "Commands: /nick NAME (change your name), /who (who is here), /quit (leave; "
@@ -30,27 +33,33 @@ HELP = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Show:
+class Show(Value):
     """A line for the user. ``time`` is set for replayed messages (show it)."""
 
-    text: str
-    time: float | None = None
-    kind: str = "chat"  # chat, notice, error, status
+    __slots__ = __match_args__ = ("text", "time", "kind")
+
+    def __init__(self, text: str, time: float | None = None, kind: str = "chat") -> None:
+        self.text = text
+        self.time = time
+        self.kind = kind  # chat, notice, error, status
 
 
-@dataclass(frozen=True, slots=True)
-class NameChanged:
-    name: str
+class NameChanged(Value):
+    __slots__ = __match_args__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
 
 
-@dataclass(frozen=True, slots=True)
-class Closing:
+class Closing(Value):
     """The session is over (the user quit, or the server refused us for good)."""
 
-    reason: str
-    failed: bool = False
-    denied: bool = False  # the server wants a token we do not have (exit 77)
+    __slots__ = __match_args__ = ("reason", "failed", "denied")
+
+    def __init__(self, reason: str, failed: bool = False, denied: bool = False) -> None:
+        self.reason = reason
+        self.failed = failed
+        self.denied = denied  # the server wants a token we do not have (exit 77)
 
 
 Output = Show | NameChanged | Closing

@@ -12,15 +12,17 @@ Every bound picchat enforces is a setting here, with its default and help.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
+from .events import Value
 from .room import name_problem
+
+TYPE_CHECKING = False  # typing is not imported at run time: start-up time
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class ConfigError(Exception):
@@ -32,194 +34,309 @@ class ConfigError(Exception):
         self.usage = usage
 
 
-def _opt(
-    default: Any,
-    help: str,
-    *,
-    minimum: float | None = None,
-    maximum: float | None = None,
-    choices=None,
-):
-    return field(
-        default=default,
-        metadata={"help": help, "min": minimum, "max": maximum, "choices": choices},
-    )
+class Setting:
+    """One setting: its name, type and default, and in ``metadata`` its help
+    text (``help``) and what its values must keep to (``min``, ``max``,
+    ``choices``; None where there is no such rule)."""
+
+    __slots__ = ("name", "type", "default", "metadata")
+
+    def __init__(
+        self,
+        name: str,
+        kind: type,
+        default: Any,
+        help: str,
+        *,
+        minimum: float | None = None,
+        maximum: float | None = None,
+        choices: tuple[str, ...] | None = None,
+    ) -> None:
+        self.name = name
+        self.type = kind  # str, int, float, bool, or tuple (of str: a repeatable option)
+        self.default = default
+        self.metadata = {"help": help, "min": minimum, "max": maximum, "choices": choices}
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    host: str = _opt("127.0.0.1", "TCP address to listen on ('' for no TCP listener)")
-    port: int = _opt(1234, "TCP port to listen on (0: any free port)", minimum=0)
-    socket: str = _opt(
+# Every setting, in --help's order: a table, not a dataclass (importing
+# dataclasses costs ~11 ms and 1.4 MB at every start).
+_TABLE = (
+    Setting("host", str, "127.0.0.1", "TCP address to listen on ('' for no TCP listener)"),
+    Setting("port", int, 1234, "TCP port to listen on (0: any free port)", minimum=0),
+    Setting(
+        "socket",
+        str,
         "auto",
         "Unix socket path; 'auto': $RUNTIME_DIRECTORY/picchat.sock, else "
         "$XDG_RUNTIME_DIR/picchat/picchat.sock, else /tmp/picchat-$UID/picchat.sock; "
         "'off': none",
-    )
-    fifo: str = _opt("", "FIFO to read lines from and broadcast (created if missing; '' for none)")
-    fifo_name: str = _opt("fifo", "sender name of the lines read from the FIFO")
-    max_line: int = _opt(
-        4096, "longest accepted line in bytes; longer ones are refused", minimum=64
-    )
-    max_queue: int = _opt(
+    ),
+    Setting(
+        "fifo", str, "", "FIFO to read lines from and broadcast (created if missing; '' for none)"
+    ),
+    Setting("fifo_name", str, "fifo", "sender name of the lines read from the FIFO"),
+    Setting(
+        "max_line", int, 4096, "longest accepted line in bytes; longer ones are refused", minimum=64
+    ),
+    Setting(
+        "max_queue",
+        int,
         262144,
         "bytes of output that may wait for one connection; a reader further behind is disconnected",
         minimum=4096,
-    )
-    max_total_queue: int = _opt(
+    ),
+    Setting(
+        "max_total_queue",
+        int,
         33554432,
         "bytes of output that may wait for all connections together; beyond it the readers "
         "furthest behind are disconnected first",
         minimum=65536,
-    )
-    history: int = _opt(
-        1000, "messages kept for replay (in memory, and on disk with a state-dir)", minimum=1
-    )
-    state_dir: str = _opt(
+    ),
+    Setting(
+        "history",
+        int,
+        1000,
+        "messages kept for replay (in memory, and on disk with a state-dir)",
+        minimum=1,
+    ),
+    Setting(
+        "state_dir",
+        str,
         "",
         "directory for the history on disk ('': $STATE_DIRECTORY, set by systemd's "
         "StateDirectory=; without either, history is kept in memory only)",
-    )
-    sync: str = _opt(
+    ),
+    Setting(
+        "sync",
+        str,
         "commit",
         "'commit': every message is on disk (fsync) before it is acknowledged, one fsync per "
         "loop turn; 'interval': written at once, fsync'd every sync-interval seconds "
         "(survives a crash of picchat, not a power cut; fewer writes to an SD card)",
         choices=("commit", "interval"),
-    )
-    sync_interval: float = _opt(
-        5.0, "seconds between fsyncs with sync = 'interval'", minimum=0.01, maximum=3600.0
-    )
-    max_clients: int = _opt(10000, "connections served at once", minimum=1)
-    max_tls_clients: int = _opt(
+    ),
+    Setting(
+        "sync_interval",
+        float,
+        5.0,
+        "seconds between fsyncs with sync = 'interval'",
+        minimum=0.01,
+        maximum=3600.0,
+    ),
+    Setting("max_clients", int, 10000, "connections served at once", minimum=1),
+    Setting(
+        "max_tls_clients",
+        int,
         1000,
         "TLS connections served at once (each costs about 18 KiB more than a plain one), "
         "within max-clients",
         minimum=1,
-    )
-    max_per_address: int = _opt(
+    ),
+    Setting(
+        "max_per_address",
+        int,
         64,
         "connections at once from one IP address (0: no limit); loopback is exempt "
         "unless per-address-loopback",
         minimum=0,
-    )
-    per_address_loopback: bool = _opt(
-        False, "apply max-per-address to loopback addresses (127.0.0.0/8, ::1) too"
-    )
-    rate_limit: float = _opt(
+    ),
+    Setting(
+        "per_address_loopback",
+        bool,
+        False,
+        "apply max-per-address to loopback addresses (127.0.0.0/8, ::1) too",
+    ),
+    Setting(
+        "rate_limit",
+        float,
         50.0,
         "lines per second one connection, the FIFO or a serial line may send on average; "
         "beyond it the server reads it more slowly (nothing is dropped; 0: no limit)",
         minimum=0.0,
-    )
-    rate_burst: int = _opt(
-        200, "lines one input may send at once before rate-limit applies", minimum=1
-    )
-    sessions: int = _opt(
+    ),
+    Setting(
+        "rate_burst",
+        int,
+        200,
+        "lines one input may send at once before rate-limit applies",
+        minimum=1,
+    ),
+    Setting(
+        "sessions",
+        int,
         10000,
         "sessions of disconnected clients remembered so they can resume without duplicates",
         minimum=0,
-    )
-    dedupe_window: int = _opt(
+    ),
+    Setting(
+        "dedupe_window",
+        int,
         128,
         "message ids remembered per session to drop a message resent after a lost ack; "
         "a client keeps fewer unacknowledged messages than this",
         minimum=1,
-    )
-    presence_interval: float = _opt(
-        1.0, "seconds between join/leave summary lines", minimum=0.0, maximum=3600.0
-    )
-    shutdown_timeout: float = _opt(
-        2.0, "seconds to flush output to clients when stopping", minimum=0.0, maximum=3600.0
-    )
-    keepalive_idle: int = _opt(
-        60, "TCP keepalive: idle seconds before probing", minimum=1, maximum=32767
-    )
-    keepalive_interval: int = _opt(
-        10, "TCP keepalive: seconds between probes", minimum=1, maximum=32767
-    )
-    keepalive_count: int = _opt(
-        3, "TCP keepalive: unanswered probes before a drop", minimum=1, maximum=127
-    )
-    token_file: str = _opt(
+    ),
+    Setting(
+        "presence_interval",
+        float,
+        1.0,
+        "seconds between join/leave summary lines",
+        minimum=0.0,
+        maximum=3600.0,
+    ),
+    Setting(
+        "shutdown_timeout",
+        float,
+        2.0,
+        "seconds to flush output to clients when stopping",
+        minimum=0.0,
+        maximum=3600.0,
+    ),
+    Setting(
+        "keepalive_idle",
+        int,
+        60,
+        "TCP keepalive: idle seconds before probing",
+        minimum=1,
+        maximum=32767,
+    ),
+    Setting(
+        "keepalive_interval",
+        int,
+        10,
+        "TCP keepalive: seconds between probes",
+        minimum=1,
+        maximum=32767,
+    ),
+    Setting(
+        "keepalive_count",
+        int,
+        3,
+        "TCP keepalive: unanswered probes before a drop",
+        minimum=1,
+        maximum=127,
+    ),
+    Setting(
+        "token_file",
+        str,
         "",
         "file of tokens (one per line, readable by its owner only) that TCP clients on "
         "other machines must send with /auth TOKEN; PICCHAT_TOKEN may hold one more",
-    )
-    allow_anonymous: bool = _opt(
+    ),
+    Setting(
+        "allow_anonymous",
+        bool,
         False,
         "let TCP clients on other machines in without a token (refused at start-up otherwise "
         "when listening beyond loopback)",
-    )
-    auth_backoff: float = _opt(
+    ),
+    Setting(
+        "auth_backoff",
+        float,
         30.0,
         "longest wait, in seconds, before a failed /auth from an address is answered "
         "(it doubles from 1 s with each failure)",
         minimum=1.0,
         maximum=3600.0,
-    )
-    login_timeout: float = _opt(
+    ),
+    Setting(
+        "login_timeout",
+        float,
         30.0,
         "seconds a new connection has to finish its TLS handshake, to authenticate where a "
         "token is needed, and to end a first line it has begun (an idle one may stay)",
         minimum=0.1,
         maximum=3600.0,
-    )
-    tls_port: int = _opt(0, "TCP port of the TLS listener (0: no TLS listener)", minimum=0)
-    tls_host: str = _opt("", "address of the TLS listener ('': the same as host)")
-    tls_cert: str = _opt("", "TLS certificate file (PEM), for the TLS listener")
-    tls_key: str = _opt(
-        "", "TLS private key file (PEM, readable by its owner only), for the TLS listener"
-    )
-    console: str = _opt(
+    ),
+    Setting("tls_port", int, 0, "TCP port of the TLS listener (0: no TLS listener)", minimum=0),
+    Setting("tls_host", str, "", "address of the TLS listener ('': the same as host)"),
+    Setting("tls_cert", str, "", "TLS certificate file (PEM), for the TLS listener"),
+    Setting(
+        "tls_key",
+        str,
+        "",
+        "TLS private key file (PEM, readable by its owner only), for the TLS listener",
+    ),
+    Setting(
+        "console",
+        str,
         "auto",
         "the server's terminal as a participant named Server; 'auto': when stdin is a "
         "terminal and not under systemd",
         choices=("auto", "on", "off"),
-    )
-    serial: tuple[str, ...] = _opt(
+    ),
+    Setting(
+        "serial",
+        tuple,
         (),
         "serial line as a participant: DEVICE[,baud=N][,name=NAME][,mode=terminal|lines]"
         "[,cols=N] (repeatable; baud 115200, name the device's, mode terminal, cols 80)",
-    )
-    serial_force: bool = _opt(
-        False, "open a serial device even if the kernel console or a getty uses it"
-    )
-    serial_retry: float = _opt(
+    ),
+    Setting(
+        "serial_force",
+        bool,
+        False,
+        "open a serial device even if the kernel console or a getty uses it",
+    ),
+    Setting(
+        "serial_retry",
+        float,
         5.0,
         "seconds between attempts to open a missing or unplugged serial device",
         minimum=0.1,
         maximum=3600.0,
-    )
-    serial_queue: int = _opt(
+    ),
+    Setting(
+        "serial_queue",
+        int,
         16384,
         "bytes of chat that may wait for a slow serial line; beyond it the oldest lines "
         "for it are dropped (with a notice)",
         minimum=1024,
-    )
-    log_level: str = _opt("info", "least important log level shown", choices=LOG_LEVELS)
-    log_chat: bool = _opt(True, "log every chat line (at info level)")
-    log_buffer: int = _opt(
+    ),
+    Setting("log_level", str, "info", "least important log level shown", choices=LOG_LEVELS),
+    Setting("log_chat", bool, True, "log every chat line (at info level)"),
+    Setting(
+        "log_buffer",
+        int,
         65536,
         "bytes of log output held while stderr is not writable; beyond it "
         "lines are dropped and counted",
         minimum=1024,
-    )
+    ),
+)
+SETTINGS: dict[str, Setting] = {s.name: s for s in _TABLE}
+
+
+class Settings(Value):
+    """The one settings object: a value for every name in ``SETTINGS`` (an
+    attribute each), the default where none is given. Immutable, as a frozen
+    dataclass: ``replace`` returns a changed copy."""
+
+    __slots__ = tuple(SETTINGS)
+
+    def __init__(self, **values: Any) -> None:
+        unknown = values.keys() - SETTINGS.keys()
+        if unknown:
+            raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
+        for name, setting in SETTINGS.items():
+            object.__setattr__(self, name, values.get(name, setting.default))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"settings are immutable; replace({name}=...) makes a copy")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"settings are immutable; cannot delete {name}")
 
     def replace(self, **changes: Any) -> Settings:
-        return dataclasses.replace(self, **changes)
-
-
-SETTINGS = {f.name: f for f in fields(Settings)}
-_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "tuple[str, ...]": tuple}
+        return Settings(**{name: getattr(self, name) for name in SETTINGS} | changes)
 
 
 def setting_type(name: str) -> type:
-    t = SETTINGS[name].type
-    return _TYPES[t] if isinstance(t, str) else t
+    return SETTINGS[name].type
 
 
 def flag(name: str) -> str:
@@ -426,13 +543,22 @@ def socket_path(settings: Settings, env: Mapping[str, str] | None = None) -> Pat
 SERIAL_MODES = ("terminal", "lines")
 
 
-@dataclass(frozen=True, slots=True)
-class SerialSpec:
-    device: str
-    baud: int = 115200
-    name: str = ""
-    mode: str = "terminal"
-    cols: int = 80  # the terminal's width: a serial line cannot tell us
+class SerialSpec(Value):
+    __slots__ = __match_args__ = ("device", "baud", "name", "mode", "cols")
+
+    def __init__(
+        self,
+        device: str,
+        baud: int = 115200,
+        name: str = "",
+        mode: str = "terminal",
+        cols: int = 80,
+    ) -> None:
+        self.device = device
+        self.baud = baud
+        self.name = name
+        self.mode = mode
+        self.cols = cols  # the terminal's width: a serial line cannot tell us
 
 
 def parse_serial_spec(spec: str) -> SerialSpec:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from .auth import SecretError, load_tokens
@@ -21,13 +20,24 @@ from .tls import KnownHosts, check_server, client_context, known_hosts_path, par
 DEFAULT_TLS_PORT = 1235  # what `install.sh --tls` configures
 
 
-@dataclass(frozen=True)
 class Credentials:
-    token: bytes | None = field(default=None, repr=False)
-    tls: bool = False
-    ca_file: str | None = None
-    pin: str | None = None  # SHA256:<base64>
-    known_hosts: Path = field(default_factory=known_hosts_path)
+    """Immutable by convention. Its repr is object's: the token never shows."""
+
+    __slots__ = ("token", "tls", "ca_file", "pin", "known_hosts")
+
+    def __init__(
+        self,
+        token: bytes | None = None,
+        tls: bool = False,
+        ca_file: str | None = None,
+        pin: str | None = None,  # SHA256:<base64>
+        known_hosts: Path | None = None,  # None: tls.known_hosts_path()
+    ) -> None:
+        self.token = token
+        self.tls = tls
+        self.ca_file = ca_file
+        self.pin = pin
+        self.known_hosts = known_hosts_path() if known_hosts is None else known_hosts
 
     def auth_line(self) -> bytes:
         return b"/auth " + self.token + b"\n" if self.token else b""

@@ -25,24 +25,29 @@ from __future__ import annotations
 
 import codecs
 import unicodedata
-from dataclasses import dataclass
+
+from .events import Value
 
 CRLF = "\r\n"
 _CLEAR_TO_END = "\x1b[J"
 
 
-@dataclass(frozen=True, slots=True)
-class Line:
+class Line(Value):
     """The user pressed Enter on this text."""
 
-    text: str
+    __slots__ = __match_args__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
 
 
-@dataclass(frozen=True, slots=True)
-class QuitRequest:
+class QuitRequest(Value):
     """Ctrl-D (or Ctrl-C) on an empty line."""
 
-    key: str  # "ctrl-d" or "ctrl-c"
+    __slots__ = __match_args__ = ("key",)
+
+    def __init__(self, key: str) -> None:
+        self.key = key  # "ctrl-d" or "ctrl-c"
 
 
 EditorEvent = Line | QuitRequest

@@ -14,7 +14,9 @@ Invariants:
 
 from __future__ import annotations
 
-from typing import Final
+TYPE_CHECKING = False  # typing is not imported at run time: start-up time
+if TYPE_CHECKING:
+    from typing import Final
 
 
 class _TooLong:

@@ -37,10 +37,9 @@ import os
 import re
 import struct
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from .events import Message
+from .events import Message, Value
 
 log = logging.getLogger(__name__)
 
@@ -128,15 +127,27 @@ def header(history_id: str, first_seq: int) -> bytes:
     return MAGIC + str(FORMAT).encode() + b"\n" + meta.encode() + b"\n"
 
 
-@dataclass
 class Segment:
-    path: Path
-    history_id: str
-    first_seq: int
-    messages: list[Message] = field(default_factory=list)
-    good_size: int = 0  # bytes up to the end of the last valid record
-    dropped: int = 0  # records lost to damage
-    damaged_at: int | None = None  # byte offset of the damage, if any
+    """One segment file as read; ``parse_segment`` fills it in."""
+
+    __slots__ = (
+        "path",
+        "history_id",
+        "first_seq",
+        "messages",
+        "good_size",
+        "dropped",
+        "damaged_at",
+    )
+
+    def __init__(self, path: Path, history_id: str, first_seq: int) -> None:
+        self.path = path
+        self.history_id = history_id
+        self.first_seq = first_seq
+        self.messages: list[Message] = []
+        self.good_size = 0  # bytes up to the end of the last valid record
+        self.dropped = 0  # records lost to damage
+        self.damaged_at: int | None = None  # byte offset of the damage, if any
 
 
 def parse_segment(path: Path, data: bytes) -> Segment:
@@ -213,10 +224,12 @@ def _count_records(data: bytes, pos: int) -> int:
     return max(count, 1)
 
 
-@dataclass
-class Loaded:
-    history_id: str | None  # None: no history yet
-    messages: list[Message]  # the newest, contiguous, oldest first
+class Loaded(Value):
+    __slots__ = __match_args__ = ("history_id", "messages")
+
+    def __init__(self, history_id: str | None, messages: list[Message]) -> None:
+        self.history_id = history_id  # None: no history yet
+        self.messages = messages  # the newest, contiguous, oldest first
 
 
 class Store:
