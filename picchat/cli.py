@@ -6,7 +6,6 @@ Exit codes are in ``exits`` (sysexits.h values), documented in --help.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from . import __version__
@@ -115,15 +114,15 @@ def server_main(argv: list[str] | None = None) -> int:
     try:
         serve(settings, writer, reload=lambda: load(cli=args, config_path=config_path))
     except ConfigError as exc:
-        logging.getLogger("picchat").error("Configuration error: %s", exc)
+        logs.get("picchat").error("Configuration error: %s", exc)
         return EX_CONFIG
     except StartupError as exc:
-        logging.getLogger("picchat").error("%s", exc)
+        logs.get("picchat").error("%s", exc)
         return EX_UNAVAILABLE
     except KeyboardInterrupt:  # Ctrl-C before the loop took over the signal
         return 130
     except Exception:  # a bug of ours: into the log with its traceback, then exit
-        logging.getLogger("picchat").critical("Internal error, stopping", exc_info=True)
+        logs.get("picchat").critical("Internal error, stopping", exc_info=True)
         return EX_SOFTWARE
     finally:
         writer.flush()

@@ -18,23 +18,161 @@ once output flows again.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import stat
+import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
-NOTICE = 25  # the hub's level for what clients did (journald priority 5)
-logging.addLevelName(NOTICE, "NOTICE")
-SYSLOG_PRIORITY = {
-    logging.CRITICAL: 2,
-    logging.ERROR: 3,
-    logging.WARNING: 4,
-    NOTICE: 5,
-    logging.INFO: 6,
-    logging.DEBUG: 7,
+# Levels, as numbers (higher: more important) and as journald priorities.
+DEBUG, INFO, NOTICE, WARNING, ERROR, CRITICAL = 10, 20, 25, 30, 40, 50
+LEVELS = {
+    "debug": DEBUG,
+    "info": INFO,
+    "notice": NOTICE,
+    "warning": WARNING,
+    "error": ERROR,
+    "critical": CRITICAL,
 }
+LEVEL_NAMES = {number: name.upper() for name, number in LEVELS.items()}
+SYSLOG_PRIORITY = {CRITICAL: 2, ERROR: 3, WARNING: 4, NOTICE: 5, INFO: 6, DEBUG: 7}
+
+
+class Record:
+    """One logged line: what a handler (or a test's capture) gets."""
+
+    __slots__ = ("name", "levelno", "message", "fields", "created", "exc_text")
+
+    def __init__(
+        self,
+        name: str,
+        levelno: int,
+        message: str,
+        fields: Mapping[str, str] | None = None,
+        exc_text: str = "",
+    ) -> None:
+        self.name = name
+        self.levelno = levelno
+        self.message = message
+        self.fields = fields  # journal fields (chat lines): PICCHAT_<KEY>=value
+        self.created = time.time()
+        self.exc_text = exc_text
+
+    @property
+    def levelname(self) -> str:
+        return LEVEL_NAMES.get(self.levelno, str(self.levelno))
+
+    def getMessage(self) -> str:
+        return self.message
+
+
+class Logger:
+    """``log.info("joined: %s", name)``: formatted only if the level is shown.
+
+    picchat's own small logger instead of the standard library's ``logging``:
+    importing that costs the daemon about 1 MB and 14 ms at start, and each
+    record walks the stack to find its caller, which the hot path (a log line
+    per chat message) cannot afford.
+    """
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def isEnabledFor(self, level: int) -> bool:
+        return level >= _level
+
+    def log(self, level: int, msg: str, *args: object, exc_info: bool = False) -> None:
+        if level >= _level:
+            _emit(self.name, level, msg % args if args else msg, None, exc_info)
+
+    def debug(self, msg: str, *args: object) -> None:
+        if _level <= DEBUG:
+            _emit(self.name, DEBUG, msg % args if args else msg)
+
+    def info(self, msg: str, *args: object) -> None:
+        if _level <= INFO:
+            _emit(self.name, INFO, msg % args if args else msg)
+
+    def notice(self, msg: str, *args: object) -> None:
+        if _level <= NOTICE:
+            _emit(self.name, NOTICE, msg % args if args else msg)
+
+    def warning(self, msg: str, *args: object, exc_info: bool = False) -> None:
+        if _level <= WARNING:
+            _emit(self.name, WARNING, msg % args if args else msg, None, exc_info)
+
+    def error(self, msg: str, *args: object, exc_info: bool = False) -> None:
+        _emit(self.name, ERROR, msg % args if args else msg, None, exc_info)
+
+    def exception(self, msg: str, *args: object) -> None:
+        _emit(self.name, ERROR, msg % args if args else msg, None, True)
+
+    def critical(self, msg: str, *args: object, exc_info: bool = False) -> None:
+        _emit(self.name, CRITICAL, msg % args if args else msg, None, exc_info)
+
+
+_level = INFO
+_loggers: dict[str, Logger] = {}
+_captures: list[list[Record]] = []
+
+
+def get(name: str) -> Logger:
+    """The logger for a module: ``log = logs.get(__name__)``."""
+    logger = _loggers.get(name)
+    if logger is None:
+        logger = _loggers[name] = Logger(name)
+    return logger
+
+
+def chat(sender: str, text: str, fields: Mapping[str, str]) -> None:
+    """A chat line, at info level, with its journal fields."""
+    if _level <= INFO:
+        _emit("picchat.chat", INFO, f"{sender}: {text}", fields)
+
+
+def _emit(
+    name: str, level: int, message: str, fields: Mapping[str, str] | None = None, exc=False
+) -> None:
+    exc_text = _exception_text() if exc else ""
+    record = Record(name, level, message, fields, exc_text)
+    for captured in _captures:
+        captured.append(record)
+    if _handler is not None:
+        _handler.emit(record)
+    elif level >= WARNING and not _captures:  # before setup(): like a plain program
+        print(message + ("\n" + exc_text if exc_text else ""), file=sys.stderr)
+
+
+def _exception_text() -> str:
+    exc = sys.exception()
+    if exc is None:
+        return ""
+    try:
+        import traceback  # only when there is a traceback to show
+
+        return "".join(traceback.format_exception(exc)).rstrip("\n")
+    except Exception:  # out of fds or memory: the gist, at least
+        return f"{type(exc).__name__}: {exc}"
+
+
+@contextmanager
+def capture(level: str | int = DEBUG) -> Iterator[list[Record]]:
+    """Every record logged meanwhile (for tests), with the level lowered to
+    ``level`` if it was higher."""
+    global _level
+    records: list[Record] = []
+    saved = _level
+    _level = min(_level, LEVELS[level] if isinstance(level, str) else level)
+    _captures.append(records)
+    try:
+        yield records
+    finally:
+        _captures.remove(records)
+        _level = saved
 
 
 def journal_stream(fd: int = 2, env: Mapping[str, str] | None = None) -> bool:
@@ -117,7 +255,7 @@ class StderrWriter:
             del self._buf[:n]
             if not self._buf and self.dropped:
                 dropped, self.dropped = self.dropped, 0
-                logging.getLogger("picchat.logs").warning(
+                get("picchat.logs").warning(
                     "%d log lines were dropped because stderr was not writable", dropped
                 )
 
@@ -154,7 +292,7 @@ class JournalNative:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self.sock.setblocking(False)
 
-    def send(self, record: logging.LogRecord, message: str, fields: Mapping[str, str]) -> bool:
+    def send(self, record: Record, message: str, fields: Mapping[str, str]) -> bool:
         """False if the journal did not take it (the caller falls back to stderr)."""
         data = {
             "MESSAGE": message,
@@ -172,57 +310,57 @@ class JournalNative:
         self.sock.close()
 
 
-class _Formatter(logging.Formatter):
-    def __init__(self, journal: bool) -> None:
-        super().__init__()
-        self.journal = journal
+class WriterHandler:
+    """Formats records for journald (``<N>`` priority prefixes) or a reader
+    (timestamp and level) and hands them to the writer; chat lines with
+    fields go to journald's native socket when there is one."""
 
-    def format(self, record: logging.LogRecord) -> str:
-        text = record.getMessage()
-        if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
-        if self.journal:
-            prefix = f"<{SYSLOG_PRIORITY.get(record.levelno, 6)}>"
-            return "\n".join(prefix + line for line in text.split("\n"))
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
-        return f"{stamp} {record.levelname} {text}"
-
-
-class WriterHandler(logging.Handler):
     def __init__(
         self, writer: StderrWriter, journal: bool, native: JournalNative | None = None
     ) -> None:
-        super().__init__()
         self.writer = writer
-        self.native = native  # for records with journal_fields (chat lines)
+        self.journal = journal
+        self.native = native  # for records with fields (chat lines)
         self.divert: Callable[[str], None] | None = None
-        self.setFormatter(_Formatter(journal))
+        self._second = -1  # the timestamp of the current second, made once
+        self._stamp = ""
 
-    def emit(self, record: logging.LogRecord) -> None:
+    def format(self, record: Record) -> str:
+        text = record.message
+        if record.exc_text:
+            text += "\n" + record.exc_text
+        if self.journal:
+            prefix = f"<{SYSLOG_PRIORITY.get(record.levelno, 6)}>"
+            if "\n" not in text:
+                return prefix + text
+            return "\n".join(prefix + line for line in text.split("\n"))
+        second = int(record.created)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        return f"{self._stamp} {record.levelname} {text}"
+
+    def emit(self, record: Record) -> None:
         try:
-            fields = getattr(record, "journal_fields", None)
-            if self.native is not None and fields is not None:
-                if self.native.send(record, record.getMessage(), fields):
+            if self.native is not None and record.fields is not None:
+                if self.native.send(record, record.message, record.fields):
                     return
             if self.divert is not None:
                 if record.name != "picchat.chat":  # the console shows chat as chat
                     self.divert(self.format(record))
                 return
-            line = self.format(record) + "\n"
-            self.writer.write(line.encode("utf-8", "replace"))
+            self.writer.write((self.format(record) + "\n").encode("utf-8", "replace"))
         except Exception:  # logging must never take the daemon down
-            self.handleError(record)
+            pass
 
 
 _handler: WriterHandler | None = None
 
 
 def setup(level: str = "info", buffer: int = 65536, fd: int = 2) -> StderrWriter:
-    """Route the ``picchat`` loggers to stderr; returns the writer for the loop."""
+    """Route picchat's log to stderr (or ``fd``); returns the writer for the loop."""
     global _handler
-    root = logging.getLogger("picchat")
     if _handler is not None:
-        root.removeHandler(_handler)
         _handler.writer.close()
         if _handler.native is not None:
             _handler.native.close()
@@ -230,8 +368,6 @@ def setup(level: str = "info", buffer: int = 65536, fd: int = 2) -> StderrWriter
     journal = journal_stream(fd)
     native = JournalNative() if journal and os.path.exists(JOURNAL_SOCKET) else None
     _handler = WriterHandler(writer, journal, native)
-    root.addHandler(_handler)
-    root.propagate = False
     set_level(level)
     return writer
 
@@ -244,4 +380,5 @@ def divert(show: Callable[[str], None] | None) -> None:
 
 
 def set_level(level: str) -> None:
-    logging.getLogger("picchat").setLevel(level.upper())
+    global _level
+    _level = LEVELS[level.lower()]

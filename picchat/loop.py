@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import logging
 import selectors
 import signal
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
 
-log = logging.getLogger(__name__)
+from . import logs
 
-Callback = Callable[[], Any]
+log = logs.get(__name__)
+
+Callback = Callable[[], object]
 
 
 class Timer:
@@ -71,7 +71,7 @@ class Loop:
         self._counter = itertools.count()
         self._soon: list[Callback] = []
         self._signals: dict[int, Callback] = {}
-        self._old_signals: dict[int, Any] = {}
+        self._old_signals: dict[int, object] = {}
         self._wakeup: tuple[socket.socket, socket.socket] | None = None
         self._old_wakeup_fd = -1
         self._running = False

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import re
 from enum import Enum
-from typing import Any
 
 from .events import (
     Ack,
@@ -62,6 +61,10 @@ from .events import (
 )
 from .framing import TOO_LONG, LineReader
 from .sanitize import clean_bytes, clean_text
+
+TYPE_CHECKING = False  # typing is not imported at run time: start-up time
+if TYPE_CHECKING:
+    from typing import Any
 
 VERSION = 1
 HELLO_PREFIX = b"PICCHAT/"

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
-from .events import Chat, Error, Frame, Message, Names, Presence, Renamed
+from .events import Chat, Error, Frame, Message, Names, Presence, Renamed, Value
 
 NAME_MAX = 32  # characters
 CONSOLE_NAME = "Server"  # the server's own terminal; nobody else may take it
@@ -28,13 +27,18 @@ PRESENCE_SAMPLE = 10  # names shown in one presence line; the rest are counted
 WHO_SAMPLE = 200  # names shown by /who; the rest are counted
 
 
-@dataclass(frozen=True, slots=True)
-class Deliver:
+class Deliver(Value):
     """Send ``frame`` to the members in ``to`` (None: every member) but ``exclude``."""
 
-    frame: Frame
-    to: tuple[int, ...] | None = None
-    exclude: int | None = None
+    __slots__ = ("frame", "to", "exclude")
+    __match_args__ = ("frame", "to", "exclude")
+
+    def __init__(
+        self, frame: Frame, to: tuple[int, ...] | None = None, exclude: int | None = None
+    ) -> None:
+        self.frame = frame
+        self.to = to
+        self.exclude = exclude
 
 
 def name_problem(name: str) -> str | None:

@@ -13,7 +13,6 @@ kernel does not take waits for POLLOUT.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import resource
 import signal
@@ -22,7 +21,6 @@ import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from . import __version__, logs, systemd
 from .auth import Gate, SecretError, is_loopback, load_tokens
@@ -44,12 +42,13 @@ from .room import CONSOLE_NAME
 from .sanitize import clean_bytes
 from .store import Store, StoreError
 
+TYPE_CHECKING = False  # (typing itself is not imported: start-up time and memory)
 if TYPE_CHECKING:  # ssl is imported only when there is a TLS listener (start-up time)
     import ssl
 
     from .tls import TlsStream
 
-log = logging.getLogger(__name__)
+log = logs.get(__name__)
 
 # One recv() takes no more than one turn's budget of input, so a connection
 # paused with a backlog holds at most this plus max-line bytes of input: 8 KiB
@@ -109,6 +108,7 @@ class Conn:
         "bucket",
         "login_timer",
         "since",
+        "writing",
     )
 
     def __init__(
@@ -125,6 +125,7 @@ class Conn:
         self.bucket: TokenBucket | None = None  # its rate limit, from its first line on
         self.login_timer: Timer | None = None  # its login-timeout, cancelled when it goes
         self.since = 0.0  # when it was accepted (loop time), for login-timeout
+        self.writing = False  # output waits: the loop watches for POLLOUT
 
 
 class Server:
@@ -298,7 +299,7 @@ class Server:
             log.warning("These changed settings need a restart: %s", ", ".join(later))
         self.notifier.ready(self._status())
 
-    def _hub_limits(self) -> dict[str, Any]:
+    def _hub_limits(self) -> dict[str, object]:
         """The hub's settings that a reload can change, as its keyword arguments."""
         s = self.settings
         return {
@@ -998,7 +999,30 @@ class Server:
         conn = self._conns.get(cid)
         if conn is None:
             return
-        out = self.hub.output(cid) if conn.opened else bytearray()
+        if conn.tls is None and not conn.writing:
+            # The common case, kept short (it runs for every member in every
+            # turn with chat): a plain socket that takes all of it at once.
+            out = self.hub.output(cid)
+            try:
+                sent = conn.sock.send(out)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._drop(cid, exc.strerror or "send failed")
+                return
+            if sent == len(out):
+                out.clear()
+                if self.hub.replaying(cid) or self.hub.should_close(cid):
+                    self._flush_rest(cid, conn, out)
+                return
+            del out[:sent]
+        else:
+            out = self.hub.output(cid) if conn.opened else bytearray()
+        self._flush_rest(cid, conn, out)
+
+    def _flush_rest(self, cid: int, conn: Conn, out: bytearray) -> None:
+        """Send what is left, refill a replay, and watch for POLLOUT while
+        output waits."""
         while True:
             if not self._send(cid, conn, out):
                 return  # dropped
@@ -1014,10 +1038,13 @@ class Server:
             return
         fd = conn.sock.fileno()
         if out or (conn.tls is not None and conn.tls.unsent):
-            if not self.loop.has_writer(fd):
+            if not conn.writing:
+                conn.writing = True
                 self.loop.add_writer(fd, lambda: self._writable(cid))
         else:
-            self.loop.remove_writer(fd)
+            if conn.writing:
+                conn.writing = False
+                self.loop.remove_writer(fd)
             if conn.opened and self.hub.should_close(cid):
                 self._drop(cid, "closed")
 

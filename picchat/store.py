@@ -32,16 +32,16 @@ goes through ``Files``, which tests replace to count fsyncs and inject faults.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import struct
 import zlib
 from pathlib import Path
 
+from . import logs
 from .events import Message, Value
 
-log = logging.getLogger(__name__)
+log = logs.get(__name__)
 
 FORMAT = 1
 MAGIC = b"PICCHAT-HISTORY "

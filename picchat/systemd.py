@@ -14,13 +14,14 @@ systemd every call is a cheap no-op.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import time
 from collections.abc import Mapping
 
-log = logging.getLogger(__name__)
+from . import logs
+
+log = logs.get(__name__)
 
 LISTEN_FDS_START = 3
 

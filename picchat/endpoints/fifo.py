@@ -22,18 +22,18 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import stat
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
+from .. import logs
 from ..framing import TOO_LONG, LineReader
 from ..loop import Loop
 from .listeners import StartupError
 
-log = logging.getLogger(__name__)
+log = logs.get(__name__)
 
 FIFO_MODE = 0o620
 

@@ -25,20 +25,20 @@ uses (two readers on one tty split the input at random), unless forced.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import re
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
+from .. import logs
 from ..config import ConfigError, SerialSpec
 from ..editor import Editor, Line, QuitRequest
 from ..framing import TOO_LONG, LineReader
 from ..loop import Loop, Timer
 from .listeners import StartupError
 
-log = logging.getLogger(__name__)
+log = logs.get(__name__)
 
 CRLF = b"\r\n"
 PYSERIAL_HINT = (

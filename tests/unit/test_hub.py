@@ -521,6 +521,74 @@ def test_a_presence_line_for_many_is_encoded_once_per_format(net, encode_calls):
     assert all(net.frames(cid)[0]["joined_count"] == 100 for cid in range(50, 60))
 
 
+def test_the_lines_of_one_receive_reach_each_member_in_one_append(net, monkeypatch):
+    for cid in range(1, 51):
+        net.open(cid)
+    net.settle()
+    appends = []
+    real = Hub._append
+
+    def counting(self, peer, data, leave=True):
+        appends.append(peer.cid)
+        return real(self, peer, data, leave)
+
+    monkeypatch.setattr(Hub, "_append", counting)
+    net.send(1, b"".join(b"line %d\n" % i for i in range(40)))
+    assert sorted(appends) == list(range(2, 51))  # once per member but the sender
+    want = [f"guest1: line {i}" for i in range(40)]
+    assert all(net.lines(cid) == want for cid in range(2, 51))
+    assert net.read(1) == b""
+
+
+def test_chat_in_one_receive_keeps_its_order_with_what_comes_between(net):
+    net.plain(1)
+    net.plain(2)
+    net.structured(3, "bot")
+    net.settle()
+    net.send(1, b"one\ntwo\n/nick alice\nthree\n/who\nfour\n")
+    assert net.lines(2) == [
+        "guest1: one",
+        "guest1: two",
+        "* guest1 is now known as alice",
+        "alice: three",
+        "alice: four",
+    ]
+    assert [(f["type"], f.get("text")) for f in net.frames(3)] == [
+        ("msg", "one"),
+        ("msg", "two"),
+        ("renamed", None),
+        ("msg", "three"),
+        ("msg", "four"),
+    ]
+    assert net.lines(1) == ["* guest1 is now known as alice", "* 3 here: alice, guest2, bot"]
+
+
+def test_a_batch_skips_each_sender_only_for_its_own_lines(net):
+    net.plain(1)
+    net.plain(2)
+    net.plain(3)
+    net.settle()
+    net.send(1, b"from one\n")
+    net.hub.post("fifo", "from the fifo", net.now)
+    net.send(2, b"a\nb\n")
+    assert net.lines(3) == ["guest1: from one", "fifo: from the fifo", "guest2: a", "guest2: b"]
+    assert net.lines(1) == ["fifo: from the fifo", "guest2: a", "guest2: b"]
+    assert net.lines(2) == ["guest1: from one", "fifo: from the fifo"]
+
+
+def test_a_reader_that_a_batch_puts_too_far_behind_leaves_after_it(net):
+    small = Net(max_queue=4096)
+    small.plain(1)
+    small.plain(2)
+    small.plain(3)
+    small.settle()
+    small.hub.output(3).extend(b"x" * 8000)  # 3 has stopped reading
+    small.send(1, b"".join(b"message %d\n" % i for i in range(30)))
+    assert [cid for cid, _ in small.hub.take_doomed()] == [3]
+    assert len(small.lines(2)) == 30
+    assert small.hub.members == 2
+
+
 # ---- the ceiling on all output together -------------------------------------------------
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import socket
 
 from picchat import logs
@@ -27,12 +26,6 @@ def parse(datagram: bytes) -> dict[str, str]:
     return fields
 
 
-def chat_record(sender: str, text: str) -> logging.LogRecord:
-    return logging.LogRecord(
-        "picchat.chat", logging.INFO, __file__, 1, "%s: %s", (sender, text), None
-    )
-
-
 def test_simple_and_multiline_values():
     data = logs.journal_datagram({"MESSAGE": "alice: hi", "X": "two\nlines", "E": ""})
     assert parse(data) == {"MESSAGE": "alice: hi", "X": "two\nlines", "E": ""}
@@ -45,9 +38,7 @@ def test_chat_records_go_to_the_journal_with_fields(tmp_path):
     journal.bind(path)
     journal.settimeout(2)
     native = logs.JournalNative(path)
-    record = logging.LogRecord(
-        "picchat.chat", logging.INFO, __file__, 1, "%s: %s", ("a", "b"), None
-    )
+    record = logs.Record("picchat.chat", logs.INFO, "alice: hi")
     assert native.send(record, "alice: hi", {"SENDER": "alice", "SEQ": "7", "ORIGIN": "unix"})
     got = parse(journal.recv(65536))
     assert got == {
@@ -68,10 +59,8 @@ def test_without_a_journal_the_line_goes_to_stderr(tmp_path):
     r, w = os.pipe()
     writer = logs.StderrWriter(w, 4096)
     handler = logs.WriterHandler(writer, True, logs.JournalNative(str(tmp_path / "absent")))
-    record = logging.LogRecord(
-        "picchat.chat", logging.INFO, __file__, 1, "%s: %s", ("bob", "yo"), None
-    )
-    record.journal_fields = {"SENDER": "bob", "SEQ": "1", "ORIGIN": "tcp"}
+    fields = {"SENDER": "bob", "SEQ": "1", "ORIGIN": "tcp"}
+    record = logs.Record("picchat.chat", logs.INFO, "bob: yo", fields)
     handler.emit(record)
     assert os.read(r, 4096) == b"<6>bob: yo\n"
     os.close(r)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 
 from picchat import logs
-from picchat.hub import NOTICE, Hub
+from picchat.hub import Hub
 from picchat.protocol import encode_hello
 
 
@@ -59,6 +58,6 @@ def test_a_sender_without_a_name_gets_its_user_name():
 
 
 def test_notice_is_journal_priority_5():
-    assert logs.NOTICE == NOTICE
-    assert logs.SYSLOG_PRIORITY[NOTICE] == 5
-    assert logging.getLevelName(NOTICE) == "NOTICE"
+    assert logs.SYSLOG_PRIORITY[logs.NOTICE] == 5
+    assert logs.LEVEL_NAMES[logs.NOTICE] == "NOTICE"
+    assert logs.INFO < logs.NOTICE < logs.WARNING

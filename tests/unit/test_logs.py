@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import logging
 import os
 import re
 import signal
@@ -17,30 +16,6 @@ from picchat import logs
 from picchat.logs import StderrWriter, WriterHandler, journal_stream
 
 LIMIT = 4096
-
-
-class ListHandler(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@contextlib.contextmanager
-def captured(name: str):
-    """Records logged to logger ``name`` (whatever the picchat loggers' setup)."""
-    logger = logging.getLogger(name)
-    handler = ListHandler()
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
-        yield handler.records
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
 
 
 @pytest.fixture
@@ -98,50 +73,51 @@ def test_journal_stream_of_a_closed_fd_is_false(pipe):
 # ---- formatting ----------------------------------------------------------------------------
 
 
-def log_to_file(tmp_path, journal: bool, level: int, msg: str, *args, **kwargs) -> str:
+@contextlib.contextmanager
+def handler_on(monkeypatch, fd: int, journal: bool):
+    """picchat's log written through a WriterHandler to ``fd``."""
+    writer = StderrWriter(fd=fd, limit=65536)
+    monkeypatch.setattr(logs, "_handler", WriterHandler(writer, journal))
+    monkeypatch.setattr(logs, "_level", logs.DEBUG)
+    try:
+        yield
+    finally:
+        writer.close()
+
+
+def log_to_file(tmp_path, monkeypatch, journal: bool, level: int, msg: str, *args, **kw) -> str:
     path = tmp_path / "out.log"
-    with open(path, "wb") as f:
-        writer = StderrWriter(fd=f.fileno(), limit=65536)
-        handler = WriterHandler(writer, journal)
-        logger = logging.getLogger("picchat.tests.logs")
-        logger.addHandler(handler)
-        old = logger.level, logger.propagate
-        logger.setLevel(logging.DEBUG)
-        logger.propagate = False
-        try:
-            logger.log(level, msg, *args, **kwargs)
-        finally:
-            logger.removeHandler(handler)
-            logger.setLevel(old[0])
-            logger.propagate = old[1]
-            writer.close()
+    with open(path, "wb") as f, handler_on(monkeypatch, f.fileno(), journal):
+        logs.get("picchat.tests.logs").log(level, msg, *args, **kw)
     return path.read_text()
 
 
 @pytest.mark.parametrize(
     ("level", "prefix"),
     [
-        (logging.DEBUG, "<7>"),
-        (logging.INFO, "<6>"),
-        (logging.WARNING, "<4>"),
-        (logging.ERROR, "<3>"),
-        (logging.CRITICAL, "<2>"),
+        (logs.DEBUG, "<7>"),
+        (logs.INFO, "<6>"),
+        (logs.NOTICE, "<5>"),
+        (logs.WARNING, "<4>"),
+        (logs.ERROR, "<3>"),
+        (logs.CRITICAL, "<2>"),
     ],
 )
-def test_journal_lines_carry_the_syslog_priority(tmp_path, level, prefix):
-    assert log_to_file(tmp_path, True, level, "hello %s", "there") == f"{prefix}hello there\n"
+def test_journal_lines_carry_the_syslog_priority(tmp_path, monkeypatch, level, prefix):
+    out = log_to_file(tmp_path, monkeypatch, True, level, "hello %s", "there")
+    assert out == f"{prefix}hello there\n"
 
 
-def test_journal_mode_prefixes_every_line_of_a_multiline_message(tmp_path):
-    out = log_to_file(tmp_path, True, logging.WARNING, "one\ntwo\nthree")
+def test_journal_mode_prefixes_every_line_of_a_multiline_message(tmp_path, monkeypatch):
+    out = log_to_file(tmp_path, monkeypatch, True, logs.WARNING, "one\ntwo\nthree")
     assert out == "<4>one\n<4>two\n<4>three\n"
 
 
-def test_journal_mode_prefixes_every_line_of_a_traceback(tmp_path):
+def test_journal_mode_prefixes_every_line_of_a_traceback(tmp_path, monkeypatch):
     try:
         raise RuntimeError("boom")
     except RuntimeError:
-        out = log_to_file(tmp_path, True, logging.ERROR, "failed", exc_info=True)
+        out = log_to_file(tmp_path, monkeypatch, True, logs.ERROR, "failed", exc_info=True)
     lines = out.splitlines()
     assert lines[0] == "<3>failed"
     assert len(lines) > 3
@@ -149,43 +125,58 @@ def test_journal_mode_prefixes_every_line_of_a_traceback(tmp_path):
     assert lines[-1] == "<3>RuntimeError: boom"
 
 
-def test_journal_mode_has_no_timestamp(tmp_path):
-    out = log_to_file(tmp_path, True, logging.INFO, "plain")
+def test_journal_mode_has_no_timestamp(tmp_path, monkeypatch):
+    out = log_to_file(tmp_path, monkeypatch, True, logs.INFO, "plain")
     assert not re.search(r"\d\d:\d\d:\d\d", out)
 
 
-@pytest.mark.parametrize("level", [logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR])
-def test_readable_mode_has_timestamp_and_level(tmp_path, level):
-    out = log_to_file(tmp_path, False, level, "hello %d", 42)
-    name = logging.getLevelName(level)
+@pytest.mark.parametrize(
+    ("level", "name"),
+    [(logs.DEBUG, "DEBUG"), (logs.INFO, "INFO"), (logs.WARNING, "WARNING"), (logs.ERROR, "ERROR")],
+)
+def test_readable_mode_has_timestamp_and_level(tmp_path, monkeypatch, level, name):
+    out = log_to_file(tmp_path, monkeypatch, False, level, "hello %d", 42)
     assert re.fullmatch(rf"\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d {name} hello 42\n", out), out
     assert not out.startswith("<")
 
 
 def test_setup_routes_picchat_loggers_to_the_fd(tmp_path, monkeypatch):
-    root = logging.getLogger("picchat")
-    saved = root.level, root.propagate, list(root.handlers)
     monkeypatch.setattr(logs, "_handler", None)
+    monkeypatch.setattr(logs, "_level", logs.INFO)
     path = tmp_path / "stderr"
     with open(path, "wb") as f:
         monkeypatch.setenv("JOURNAL_STREAM", dev_ino(f.fileno()))
         try:
             writer = logs.setup("warning", 8192, fd=f.fileno())
             assert writer.limit == 8192
-            logging.getLogger("picchat.something").info("not shown")
-            logging.getLogger("picchat.something").warning("shown")
+            logs.get("picchat.something").info("not shown")
+            logs.get("picchat.something").warning("shown")
             logs.set_level("debug")
-            logging.getLogger("picchat.other").debug("now shown")
+            logs.get("picchat.other").debug("now shown")
             writer = logs.setup("info", 8192, fd=f.fileno())  # again: replaces the handler
-            logging.getLogger("picchat").info("once")
+            logs.get("picchat").debug("not shown either")
+            logs.get("picchat").info("once")
+            logs.chat("alice", "hi", {"SENDER": "alice"})  # no journal socket: a line
         finally:
-            for h in root.handlers:
-                if h not in saved[2]:
-                    root.removeHandler(h)
-                    h.writer.close()
-            root.setLevel(saved[0])
-            root.propagate = saved[1]
-    assert path.read_text() == "<4>shown\n<7>now shown\n<6>once\n"
+            logs._handler.writer.close()
+    assert path.read_text() == "<4>shown\n<7>now shown\n<6>once\n<6>alice: hi\n"
+
+
+def test_before_setup_warnings_and_worse_go_to_stderr(monkeypatch, capsys):
+    monkeypatch.setattr(logs, "_handler", None)
+    monkeypatch.setattr(logs, "_level", logs.INFO)
+    logs.get("picchat").info("quiet")
+    logs.get("picchat").error("Configuration error: %s", "port: not a number")
+    assert capsys.readouterr().err == "Configuration error: port: not a number\n"
+
+
+def test_a_message_is_formatted_only_when_its_level_is_shown(monkeypatch):
+    class Loud:
+        def __str__(self) -> str:
+            raise AssertionError("formatted")
+
+    monkeypatch.setattr(logs, "_level", logs.INFO)
+    logs.get("picchat").debug("%s", Loud())  # not formatted, so not raised
 
 
 # ---- the non-blocking writer ------------------------------------------------------------------
@@ -219,14 +210,14 @@ def test_writer_on_a_pipe_that_is_never_read_never_blocks(pipe):
     assert os.get_blocking(w)
 
     first = read_all(r)  # the reader wakes up and drains the pipe
-    with captured("picchat.logs") as records:
+    with logs.capture() as records:
         writer.flush()
     assert writer.pending == 0
     assert writer.dropped == 0
     rest = read_all(r)
     assert rest  # what waited in the buffer came out
     assert first + rest == b"".join(accepted)
-    warnings = [rec for rec in records if rec.levelno == logging.WARNING]
+    warnings = [rec for rec in records if rec.levelno == logs.WARNING]
     assert len(warnings) == 1
     assert str(dropped) in warnings[0].getMessage()
     assert "dropped" in warnings[0].getMessage()

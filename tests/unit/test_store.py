@@ -281,7 +281,7 @@ def test_a_flipped_byte_anywhere_in_a_record_is_detected(tmp_path):
                 assert seg.dropped >= 1, where
 
 
-def test_a_damaged_record_is_cut_off_at_start_with_what_follows_and_logged(tmp_path, caplog):
+def test_a_damaged_record_is_cut_off_at_start_with_what_follows_and_logged(tmp_path, logged):
     d = tmp_path / "d"
     d.mkdir()
     data, bounds = layout(msgs(1, 5))
@@ -290,11 +290,11 @@ def test_a_damaged_record_is_cut_off_at_start_with_what_follows_and_logged(tmp_p
     (d / SEG1).write_bytes(bytes(damaged))
     files = Recording()
     s = Store(d, 100, files)
-    with caplog.at_level(logging.WARNING, logger="picchat.store"):
+    with logged.at_level(logging.WARNING, logger="picchat.store"):
         loaded = s.load()
     assert loaded.messages == msgs(1, 2)
-    assert f"damaged at byte {bounds[2]}" in caplog.text
-    assert "3 records after it dropped, the 2 before it kept" in caplog.text
+    assert f"damaged at byte {bounds[2]}" in logged.text
+    assert "3 records after it dropped, the 2 before it kept" in logged.text
     assert (d / SEG1).stat().st_size == bounds[2]
     assert files.fsyncs == 1  # the cut is made durable
     # Numbering goes on from the last message kept.
@@ -307,16 +307,16 @@ def test_a_damaged_record_is_cut_off_at_start_with_what_follows_and_logged(tmp_p
 
 
 def test_a_file_cut_at_every_byte_offset_recovers_the_whole_records_before_the_cut(
-    tmp_path, caplog
+    tmp_path, logged
 ):
     written = [msg(1, "a"), msg(2, "bé", origin="t1", id="1"), msg(3, "c" * 40), msg(4, "d")]
     data, bounds = layout(written)
-    caplog.set_level(logging.WARNING, logger="picchat.store")
+    logged.set_level(logging.WARNING, logger="picchat.store")
     for cut in range(len(data) + 1):
         d = tmp_path / f"cut{cut}"
         d.mkdir()
         (d / SEG1).write_bytes(data[:cut])
-        caplog.clear()
+        logged.clear()
         s = Store(d, 100)
         loaded = s.load()
         if cut < bounds[0]:
@@ -324,27 +324,27 @@ def test_a_file_cut_at_every_byte_offset_recovers_the_whole_records_before_the_c
             # is removed; a new history begins.
             assert (loaded.history_id, loaded.messages) == (None, []), cut
             assert segments(d) == [], cut
-            assert "was cut while being created" in caplog.text, cut
+            assert "was cut while being created" in logged.text, cut
             s.close()
             continue
         whole = max(i for i in range(len(bounds)) if bounds[i] <= cut)
         assert (loaded.history_id, loaded.messages) == ("h1", written[:whole]), cut
         assert (d / SEG1).stat().st_size == bounds[whole], cut
         if cut == bounds[whole]:
-            assert caplog.text == "", cut
+            assert logged.text == "", cut
         else:
-            assert f"damaged at byte {bounds[whole]}" in caplog.text, cut
-            assert f"1 record after it dropped, the {whole} before it kept" in caplog.text, cut
+            assert f"damaged at byte {bounds[whole]}" in logged.text, cut
+            assert f"1 record after it dropped, the {whole} before it kept" in logged.text, cut
         # New messages go on with the next seq, after the kept ones.
         commit(s, [msg(whole + 1, "next")])
         s.close()
         assert reload(d).messages == [*written[:whole], msg(whole + 1, "next")], cut
 
 
-def test_a_newest_segment_cut_while_being_created_is_removed_and_made_again(tmp_path, caplog):
+def test_a_newest_segment_cut_while_being_created_is_removed_and_made_again(tmp_path, logged):
     first, _ = layout(msgs(1, 2))
     second, bounds = layout(msgs(3, 3))
-    caplog.set_level(logging.WARNING, logger="picchat.store")
+    logged.set_level(logging.WARNING, logger="picchat.store")
     for cut in range(bounds[0]):
         d = tmp_path / f"cut{cut}"
         d.mkdir()
@@ -374,7 +374,7 @@ def test_a_segment_begun_just_before_a_crash_is_written_on(tmp_path):
     assert reload(d, 3).messages == msgs(1, 4)
 
 
-def test_an_empty_newest_segment_that_does_not_follow_is_removed(tmp_path, caplog):
+def test_an_empty_newest_segment_that_does_not_follow_is_removed(tmp_path, logged):
     # Segment 1 lost its last record (3), segment 4 holds none: numbering goes
     # on at 3, which segment 4 cannot hold (it would read as damage next time).
     d = tmp_path / "d"
@@ -382,17 +382,17 @@ def test_an_empty_newest_segment_that_does_not_follow_is_removed(tmp_path, caplo
     data, bounds = layout(msgs(1, 3))
     (d / SEG1).write_bytes(data[: bounds[3] - 2])
     (d / "history-000000000004.log").write_bytes(header("h1", 4))
-    caplog.set_level(logging.WARNING, logger="picchat.store")
+    logged.set_level(logging.WARNING, logger="picchat.store")
     s = Store(d, 3)
     loaded = s.load()
     assert (loaded.history_id, loaded.messages) == ("h1", msgs(1, 2))
-    assert "history-000000000004.log holds no message and does not follow" in caplog.text
+    assert "history-000000000004.log holds no message and does not follow" in logged.text
     assert segments(d) == [SEG1]
     commit(s, [msg(3, "new 3")])
     s.close()
-    caplog.clear()
+    logged.clear()
     assert reload(d, 3).messages == [*msgs(1, 2), msg(3, "new 3")]
-    assert "damaged" not in caplog.text
+    assert "damaged" not in logged.text
 
 
 def test_a_lone_empty_segment_that_does_not_begin_at_1_is_removed(tmp_path):
@@ -438,20 +438,20 @@ def test_an_older_segment_with_a_cut_header_is_refused(tmp_path):
         (b"\x05\x00", 1),  # a length field cut
     ],
 )
-def test_a_corrupted_tail_is_cut_off(tmp_path, caplog, tail, dropped):
+def test_a_corrupted_tail_is_cut_off(tmp_path, logged, tail, dropped):
     d = tmp_path / "d"
     d.mkdir()
     data, _ = layout(msgs(1, 3))
     (d / SEG1).write_bytes(data + tail)
-    with caplog.at_level(logging.WARNING, logger="picchat.store"):
+    with logged.at_level(logging.WARNING, logger="picchat.store"):
         s = Store(d, 100)
         loaded = s.load()
     assert loaded.messages == msgs(1, 3)
     assert (d / SEG1).stat().st_size == len(data)
-    assert f"damaged at byte {len(data)}" in caplog.text
+    assert f"damaged at byte {len(data)}" in logged.text
     if dropped is not None:
         plural = "s" * (dropped != 1)
-        assert f" {dropped} record{plural} after it dropped, the 3 before it kept" in caplog.text
+        assert f" {dropped} record{plural} after it dropped, the 3 before it kept" in logged.text
     commit(s, msgs(4, 4))
     s.close()
     assert reload(d).messages == msgs(1, 4)
@@ -649,7 +649,7 @@ def test_a_failing_fsync_is_reported(tmp_path):
 
 
 def test_pending_records_are_bounded_and_numbering_survives_what_was_given_up(
-    tmp_path, monkeypatch, caplog
+    tmp_path, monkeypatch, logged
 ):
     d = tmp_path / "d"
     files = Recording()
@@ -657,7 +657,7 @@ def test_pending_records_are_bounded_and_numbering_survives_what_was_given_up(
     commit(s, msgs(1, 2))
     files.space = 0
     monkeypatch.setattr(store, "PENDING_MAX", 1000)
-    caplog.set_level(logging.WARNING, logger="picchat.store")
+    logged.set_level(logging.WARNING, logger="picchat.store")
     for seq in range(3, 103):  # 100 records of ~60 bytes: far more than 1000 bytes
         with pytest.raises(OSError):
             commit(s, [msg(seq)])
@@ -665,8 +665,8 @@ def test_pending_records_are_bounded_and_numbering_survives_what_was_given_up(
     kept = [m for m in msgs(3, 102) if encode_record(m) in bytes(s._pending)]
     assert kept and kept[-1].seq == 102  # the newest are kept, the oldest given up
     assert bytes(s._pending) == b"".join(encode_record(m) for m in kept)
-    assert "Gave up saving" in caplog.text
-    caplog.clear()
+    assert "Gave up saving" in logged.text
+    logged.clear()
     files.space = None
     assert commit(s, msgs(103, 103)) == len(kept) + 1
     s.close()
@@ -675,7 +675,7 @@ def test_pending_records_are_bounded_and_numbering_survives_what_was_given_up(
     s = Store(d, 100)
     loaded = s.load()
     assert loaded.messages == [*kept, msg(103)]
-    assert "damaged" not in caplog.text
+    assert "damaged" not in logged.text
     commit(s, msgs(104, 104))
     s.close()
     assert reload(d).messages == [*kept, *msgs(103, 104)]

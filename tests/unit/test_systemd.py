@@ -154,13 +154,13 @@ def test_no_notify_socket_means_disabled_and_silent():
 
 
 @pytest.mark.parametrize("address", ["relative/notify", "notify", "~/notify"])
-def test_a_notify_socket_that_is_no_path_is_ignored(address, caplog):
-    with caplog.at_level(logging.WARNING, logger="picchat.systemd"):
+def test_a_notify_socket_that_is_no_path_is_ignored(address, logged):
+    with logged.at_level(logging.WARNING, logger="picchat.systemd"):
         n = Notifier({"NOTIFY_SOCKET": address})
     assert not n.enabled
     assert n.notify("READY=1") is False
     n.ready("x")  # nothing raised
-    assert any("NOTIFY_SOCKET" in r.getMessage() for r in caplog.records)
+    assert any("NOTIFY_SOCKET" in r.getMessage() for r in logged.records)
 
 
 def test_a_vanished_socket_makes_notify_return_false(receiver):
