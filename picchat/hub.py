@@ -137,7 +137,6 @@ class Peer:
         "dropped",
         "way",
         "user",
-        "host",
         "wake_at",
         "refused",
         "token",
@@ -158,10 +157,15 @@ class Peer:
         self.dropped = 0  # lines dropped that way, not yet reported
         self.way = "tcp"  # how it came in: tcp, unix, console, serial (for the log)
         self.user: str | None = None  # the local user behind a Unix socket (not root)
-        self.host = address.rpartition(":")[0].strip("[]") or address  # for the auth back-off
         self.wake_at: float | None = None  # held (auth back-off) until then: see wake()
         self.refused = False  # its token was wrong: say so and close when it wakes
         self.token = b""  # the token it sent, while it waits to be judged
+
+    @property
+    def host(self) -> str:
+        """Its address without the port, for the auth back-off (made when
+        needed: a string per connection is memory with 10,000 of them)."""
+        return self.address.rpartition(":")[0].strip("[]") or self.address
 
 
 class Hub:

@@ -48,12 +48,16 @@ def _nothing() -> None:
     pass
 
 
+_NO_ARG = object()  # a reader called without an argument
+
+
 class _Handlers:
-    __slots__ = ("reader", "writer")
+    __slots__ = ("reader", "writer", "arg")
 
     def __init__(self) -> None:
-        self.reader: Callback | None = None
+        self.reader: Callable[..., object] | None = None
         self.writer: Callback | None = None
+        self.arg: object = _NO_ARG  # passed to the reader, if given
 
     @property
     def mask(self) -> int:
@@ -83,8 +87,12 @@ class Loop:
 
     # ---- fds -------------------------------------------------------------
 
-    def add_reader(self, fd: int, callback: Callback) -> None:
+    def add_reader(self, fd: int, callback: Callable[..., object], arg: object = None) -> None:
+        """Call ``callback()`` when ``fd`` is readable, or ``callback(arg)``
+        with an ``arg``: with 10,000 connections, one bound method and their
+        ids cost less than a closure each."""
         self._set(fd, "reader", callback)
+        self._handlers[fd].arg = _NO_ARG if arg is None else arg
 
     def remove_reader(self, fd: int) -> None:
         self._set(fd, "reader", None)
@@ -196,7 +204,10 @@ class Loop:
             # new connection may even have reused its number): check each time.
             if mask & selectors.EVENT_READ and h.reader is not None:
                 if self._handlers.get(key.fd) is h:
-                    h.reader()
+                    if h.arg is _NO_ARG:
+                        h.reader()
+                    else:
+                        h.reader(h.arg)
             if mask & selectors.EVENT_WRITE and h.writer is not None:
                 if self._handlers.get(key.fd) is h:
                     h.writer()

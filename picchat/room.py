@@ -135,7 +135,9 @@ class Room:
             if guest.casefold() not in self._owners:
                 name = guest
         self._names[mid] = name
-        self._owners[name.casefold()] = mid
+        key = name.casefold()
+        # Guest names are their own casefold: keep one string, not two.
+        self._owners[name if key == name else key] = mid
         if announce:
             self._joined[mid] = False
         return name

@@ -142,6 +142,7 @@ class Server:
         self.loop = loop or Loop()
         self._writer = writer
         self._conns: dict[int, Conn] = {}
+        self._on_readable = self._readable  # one bound method for every connection
         self._per_address: dict[str, int] = {}  # open connections per limited address
         self._tls_count = 0  # TLS connections open (max-tls-clients)
         self._refused: dict[str, int] = {}  # why -> connections refused since last reported
@@ -633,7 +634,7 @@ class Server:
             conn.since = self.loop.time()
             if conn.tls is not None or auth:
                 self._arm_login(cid, conn)
-            self.loop.add_reader(sock.fileno(), lambda cid=cid: self._readable(cid))
+            self.loop.add_reader(sock.fileno(), self._on_readable, cid)
             self._after_hub()
 
     def _limited(self, host: str) -> bool:
@@ -851,7 +852,7 @@ class Server:
         elif cid in self._paused:
             self._paused.discard(cid)
             if cid not in self._ended:
-                self.loop.add_reader(fd, lambda: self._readable(cid))
+                self.loop.add_reader(fd, self._on_readable, cid)
         self._after_hub()
 
     def _pause(self, cid: int, fd: int) -> None:
