@@ -6,6 +6,7 @@ Exit codes are in ``exits`` (sysexits.h values), documented in --help.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -26,8 +27,25 @@ if TYPE_CHECKING:
     from .credentials import Credentials
 
 
+def _help_formatter(prog: str) -> argparse.HelpFormatter:
+    # argparse makes a formatter for every add_argument(); left to find the
+    # width itself it imports shutil, which loads bz2 and lzma: half a
+    # megabyte of a daemon that never shows its help.
+    try:
+        width = int(os.environ.get("COLUMNS", "")) - 2
+    except ValueError:
+        try:
+            width = os.get_terminal_size(sys.stderr.fileno()).columns - 2
+        except (OSError, ValueError):
+            width = 78
+    return argparse.HelpFormatter(prog, width=max(width, 40))
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage error exits 64 (EX_USAGE), not 2."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(formatter_class=_help_formatter, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
