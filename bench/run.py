@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -137,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write every run's figures to this JSON file")
     ap.add_argument("--from-json", help="only render --write from a JSON file of an earlier run")
     a = ap.parse_args(argv)
+    # Stopped with SIGTERM: unwind, so that each running server is stopped (finally).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if a.from_json:
         return render_only(a)
     wanted = a.servers.split(",")

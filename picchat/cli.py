@@ -1,111 +1,163 @@
 """Command-line front ends: argument parsing and exit codes, nothing else.
 
-Exit codes are in ``exits`` (sysexits.h values), documented in --help.
+picchat-server's options come from the settings table (``config.SETTINGS``),
+read here without argparse: importing it and building a parser of 50 options
+cost the daemon about half a megabyte of its start-up memory. picchat-send
+and picchat-client use argparse (``client_cli``). Exit codes are in ``exits``
+(sysexits.h values), documented in --help.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+from types import SimpleNamespace
 
 from . import __version__
 from .config import SETTINGS, ConfigError, env_name, flag, load, setting_type
-from .exits import (
-    EX_CONFIG,
-    EX_DATAERR,
-    EX_OK,
-    EX_SOFTWARE,
-    EX_UNAVAILABLE,
-    EX_USAGE,
-)
+from .exits import EX_CONFIG, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE
 
 TYPE_CHECKING = False  # typing is not imported at run time: start-up time
 if TYPE_CHECKING:
     from typing import Any, NoReturn
 
-    from .credentials import Credentials
 
+class ServerOptions:
+    """``--name VALUE`` or ``--name=VALUE`` for each setting, ``--name`` and
+    ``--no-name`` for yes-or-no ones, ``--serial`` as often as needed; plus
+    --config, --print-fingerprint, --version and -h/--help. Only the options
+    given are in the result (the other sources fill in the rest); values stay
+    text, converted and checked with the other sources by ``config.load``.
+    A usage error exits 64 (EX_USAGE)."""
 
-def _help_formatter(prog: str) -> argparse.HelpFormatter:
-    # argparse makes a formatter for every add_argument(); left to find the
-    # width itself it imports shutil, which loads bz2 and lzma: half a
-    # megabyte of a daemon that never shows its help.
-    try:
-        width = int(os.environ.get("COLUMNS", "")) - 2
-    except ValueError:
-        try:
-            width = os.get_terminal_size(sys.stderr.fileno()).columns - 2
-        except (OSError, ValueError):
-            width = 78
-    return argparse.HelpFormatter(prog, width=max(width, 40))
+    prog = "picchat-server"
+    description = (
+        "Run the picchat chat hub in the foreground. Settings come from defaults, then "
+        "the config file, then PICCHAT_* environment variables, then these options "
+        "(each later one wins)."
+    )
+    epilog = (
+        "Exit codes: 0 stopped cleanly, 64 usage error, 69 a listener could not be "
+        "opened, 70 internal error (see the log), 78 configuration error."
+    )
 
+    def __init__(self) -> None:
+        # option -> (dest, what): "value", "append", "yes", "no", or an action
+        self._options: dict[str, tuple[str, str]] = {
+            "-h": ("", "help"),
+            "--help": ("", "help"),
+            "--version": ("", "version"),
+            "--print-fingerprint": ("print_fingerprint", "yes"),
+            "--config": ("config", "value"),
+        }
+        for name in SETTINGS:
+            kind = setting_type(name)
+            if kind is bool:
+                self._options[flag(name)] = (name, "yes")
+                self._options["--no-" + flag(name)[2:]] = (name, "no")
+            else:
+                self._options[flag(name)] = (name, "append" if kind is tuple else "value")
 
-class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error exits 64 (EX_USAGE), not 2."""
+    def parse_args(self, argv: list[str] | None = None) -> SimpleNamespace:
+        args = sys.argv[1:] if argv is None else list(argv)
+        values: dict[str, Any] = {}
+        while args:
+            arg = args.pop(0)
+            option, eq, value = arg.partition("=")
+            dest, what = self._options.get(option if option.startswith("--") else arg, ("", ""))
+            if not what:
+                self.error(f"unrecognized argument: {arg}")
+            if what in ("help", "version", "yes", "no"):
+                if eq:
+                    self.error(f"argument {option}: takes no value")
+                if what == "help":
+                    print(self.format_help())
+                    raise SystemExit(EX_OK)
+                if what == "version":
+                    print(f"picchat {__version__}")
+                    raise SystemExit(EX_OK)
+                values[dest] = what == "yes"
+                continue
+            if not eq:
+                if not args:
+                    self.error(f"argument {option}: expected a value")
+                value = args.pop(0)
+            choices = SETTINGS[dest].metadata["choices"] if dest in SETTINGS else None
+            if choices and value not in choices:
+                listed = ", ".join(choices)
+                self.error(f"argument {option}: invalid choice: {value!r} (choose from {listed})")
+            if what == "append":
+                values.setdefault(dest, []).append(value)
+            else:
+                values[dest] = value
+        return SimpleNamespace(**values)
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(formatter_class=_help_formatter, **kwargs)
+    def usage(self) -> str:
+        return f"usage: {self.prog} [--help] [--version] [--config PATH] [--SETTING VALUE ...]"
+
+    def format_help(self) -> str:
+        import textwrap  # only for --help
+
+        width = _columns()
+        lines = [self.usage(), "", textwrap.fill(self.description, width), "", "options:"]
+
+        def option(head: str, text: str) -> None:
+            indent = " " * 26
+            if len(head) > 22:
+                lines.append("  " + head)
+                lines.append(
+                    textwrap.fill(text, width, initial_indent=indent, subsequent_indent=indent)
+                )
+            else:
+                lines.append(
+                    textwrap.fill(
+                        text, width, initial_indent=f"  {head:<24}", subsequent_indent=indent
+                    )
+                )
+
+        option("-h, --help", "show this help message and exit")
+        option("--version", "show the version and exit")
+        option(
+            "--print-fingerprint",
+            "print the SHA-256 fingerprint of tls-cert (for clients to pin) and exit",
+        )
+        option(
+            "--config PATH",
+            "TOML config file, keys named like these options (env: PICCHAT_CONFIG; default: none)",
+        )
+        for name, setting in SETTINGS.items():
+            kind = setting_type(name)
+            default = "none" if setting.default == () else repr(setting.default)
+            text = f"{setting.metadata['help']} (default: {default}; env: {env_name(name)})"
+            if kind is bool:
+                head = f"{flag(name)}, --no-{flag(name)[2:]}"
+            elif kind is tuple:
+                head = f"{flag(name)} SPEC"
+            else:
+                head = f"{flag(name)} {name.upper()}"
+            option(head, text)
+        lines += ["", textwrap.fill(self.epilog, width)]
+        return "\n".join(lines)
 
     def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+        print(self.usage(), file=sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EX_USAGE)
 
 
-def server_parser() -> Parser:
-    p = Parser(
-        prog="picchat-server",
-        description="Run the picchat chat hub in the foreground. Settings come from "
-        "defaults, then the config file, then PICCHAT_* environment variables, then "
-        "these options (each later one wins).",
-        epilog="Exit codes: 0 stopped cleanly, 64 usage error, 69 a listener could not "
-        "be opened, 70 internal error (see the log), 78 configuration error.",
-    )
-    p.add_argument("--version", action="version", version=f"picchat {__version__}")
-    p.add_argument(
-        "--print-fingerprint",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="print the SHA-256 fingerprint of tls-cert (for clients to pin) and exit",
-    )
-    p.add_argument(
-        "--config",
-        metavar="PATH",
-        default=argparse.SUPPRESS,
-        help="TOML config file, keys named like these options (env: PICCHAT_CONFIG; default: none)",
-    )
-    for name, f in SETTINGS.items():
-        t = setting_type(name)
-        default = "none" if f.default == () else repr(f.default)
-        text = f"{f.metadata['help']} (default: {default}; env: {env_name(name)})"
-        if t is tuple:
-            p.add_argument(
-                flag(name),
-                dest=name,
-                action="append",
-                metavar="SPEC",
-                default=argparse.SUPPRESS,
-                help=text,
-            )
-        elif t is bool:
-            p.add_argument(
-                flag(name),
-                dest=name,
-                action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS,
-                help=text,
-            )
-        else:
-            p.add_argument(
-                flag(name),
-                dest=name,
-                type=str,  # converted (and checked) with the other sources
-                metavar=name.upper(),
-                default=argparse.SUPPRESS,
-                choices=f.metadata["choices"],
-                help=text,
-            )
-    return p
+def _columns() -> int:
+    """The terminal's width for --help: $COLUMNS, else the terminal's, else 80."""
+    try:
+        return max(int(os.environ.get("COLUMNS", "")) - 2, 40)
+    except ValueError:
+        try:
+            return max(os.get_terminal_size(sys.stdout.fileno()).columns - 2, 40)
+        except (OSError, ValueError):
+            return 78
+
+
+def server_parser() -> ServerOptions:
+    return ServerOptions()
 
 
 def server_main(argv: list[str] | None = None) -> int:
@@ -162,173 +214,15 @@ def _print_fingerprint(cert: str) -> int:
     return EX_OK
 
 
-def add_target_options(p: Parser) -> None:
-    """Where the server is: the same options, and the same rule, for every client."""
-    p.add_argument(
-        "--socket",
-        metavar="PATH",
-        help="the server's Unix socket (default: the server's default path if it exists, "
-        "then /run/picchat/picchat.sock)",
-    )
-    p.add_argument("--host", help="server host (forces TCP; default 127.0.0.1)")
-    p.add_argument(
-        "--port", type=port, help="server TCP port (forces TCP; default 1234, with TLS 1235)"
-    )
-    p.add_argument(
-        "--token-file",
-        metavar="PATH",
-        help="file holding the token for a server on another machine, readable only by you "
-        "(env: PICCHAT_TOKEN holds the token itself)",
-    )
-    p.add_argument(
-        "--tls",
-        action="store_true",
-        help="connect with TLS (forces TCP); the server's certificate is checked by "
-        "--ca-file, or --fingerprint, or else trusted on first use and remembered in "
-        "~/.config/picchat/known_hosts",
-    )
-    p.add_argument(
-        "--fingerprint",
-        metavar="SHA256:...",
-        help="accept only the server certificate with this fingerprint (implies --tls; "
-        "`picchat-server --print-fingerprint` prints it)",
-    )
-    p.add_argument(
-        "--ca-file",
-        metavar="PATH",
-        help="verify the server's certificate with this CA (implies --tls)",
-    )
-
-
-def credentials(prog: str, args: argparse.Namespace) -> Credentials:
-    """The token and TLS trust from the options; exits 64 with the reason."""
-    from .credentials import from_options
-
-    try:
-        return from_options(args.token_file, args.tls, args.ca_file, args.fingerprint)
-    except ValueError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        raise SystemExit(EX_USAGE) from None
-
-
-def port(text: str) -> int:
-    """A TCP port number, 1 to 65535 (argparse names it in errors: "invalid port value")."""
-    port = int(text)
-    if not 0 < port < 65536:
-        raise ValueError(text)
-    return port
-
-
-def send_parser() -> Parser:
-    p = Parser(
-        prog="picchat-send",
-        description="Send a message to a picchat server and wait until it is accepted. "
-        "By default it uses the server's local socket if that exists, else TCP "
-        "127.0.0.1:1234.",
-        epilog="Exit codes: 0 every message accepted, 64 usage error, 65 a message was "
-        "refused, 69 no server reachable, 75 timed out, 76 protocol error or the server's "
-        "certificate is not the expected one, 77 the local socket exists but we may not use "
-        "it, or the server needs a token or refused ours.",
-    )
-    p.add_argument("message", help="the message; '-' sends each line of standard input")
-    add_target_options(p)
-    p.add_argument("--name", help="sender name shown to others (default: user@host)")
-    p.add_argument(
-        "--wait",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="if no server is reachable, retry every 5 s for up to SECONDS (default: 0)",
-    )
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=10.0,
-        metavar="SECONDS",
-        help="give up if the server has not answered for SECONDS (default: 10)",
-    )
-    p.add_argument("--version", action="version", version=f"picchat {__version__}")
-    return p
-
-
 def send_main(argv: list[str] | None = None) -> int:
-    from .send import SendError, send
+    """picchat-send (its command line is in client_cli)."""
+    from .client_cli import send_main
 
-    args = send_parser().parse_args(argv)
-    if args.message != "-" and not args.message.strip():
-        print("picchat-send: the message is empty; nothing sent", file=sys.stderr)
-        return EX_USAGE
-    if not args.timeout > 0 or not args.wait >= 0:
-        print("picchat-send: --timeout must be above 0 and --wait not below 0", file=sys.stderr)
-        return EX_USAGE
-    try:
-        count = send(
-            args.message,
-            socket_path=args.socket,
-            host=args.host,
-            port=args.port,
-            name=args.name,
-            wait=args.wait,
-            timeout=args.timeout,
-            creds=credentials("picchat-send", args),
-        )
-    except SendError as exc:
-        print(f"picchat-send: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
-    return EX_OK if count == 0 else EX_DATAERR
-
-
-def client_parser() -> Parser:
-    p = Parser(
-        prog="picchat-client",
-        description="Chat interactively through a picchat server. It reconnects by itself "
-        "and shows every message missed meanwhile; lines typed while disconnected are sent "
-        "on reconnection. By default it uses the server's local socket if that exists, "
-        "else TCP 127.0.0.1:1234.",
-        epilog="Keys: Enter sends, Backspace, Ctrl-U clears the line, Ctrl-W deletes a word, "
-        "Ctrl-C drops the line (on an empty line: quits), Ctrl-D on an empty line quits. "
-        "Exit codes: 0 quit, 64 usage error, 69 no such socket, 76 protocol error or the "
-        "server's certificate is not the expected one, 77 the local socket exists but we may "
-        "not use it, or the server needs a token or refused ours.",
-    )
-    add_target_options(p)
-    p.add_argument("--name", help="the name to chat under (default: a guest name)")
-    p.add_argument(
-        "--retry",
-        type=float,
-        default=5.0,
-        metavar="SECONDS",
-        help="seconds between reconnection attempts, +-10%% (default: 5)",
-    )
-    p.add_argument(
-        "--max-pending",
-        type=int,
-        default=100,
-        metavar="N",
-        help="messages kept while disconnected or unacknowledged (default: 100)",
-    )
-    p.add_argument("--version", action="version", version=f"picchat {__version__}")
-    return p
+    return send_main(argv)
 
 
 def client_main(argv: list[str] | None = None) -> int:
-    from .client import run_client
+    """picchat-client (its command line is in client_cli)."""
+    from .client_cli import client_main
 
-    args = client_parser().parse_args(argv)
-    if args.retry <= 0 or args.max_pending < 1:
-        print("picchat-client: --retry and --max-pending must be positive", file=sys.stderr)
-        return EX_USAGE
-    try:
-        return run_client(
-            args.socket,
-            args.host,
-            args.port,
-            args.name,
-            args.retry,
-            args.max_pending,
-            credentials("picchat-client", args),
-        )
-    except KeyboardInterrupt:
-        return 130
+    return client_main(argv)

@@ -5,8 +5,13 @@ until an fd is ready, a timer is due or a signal arrives. Nothing wakes it
 while idle: the select timeout is the time to the next due timer, or forever.
 
 - ``call_soon`` callbacks run at the end of the current turn, after every
-  ready fd has been served: the server uses it to flush all output written in
-  one turn with one send() per connection.
+  ready fd has been served.
+- ``call_when_quiet`` callbacks run at the end of the first turn that finds
+  no fd ready (a poll that does not wait), or after ``GATHER_TURNS`` turns or
+  ``GATHER_SECONDS``: the server flushes its output there, so that input
+  arriving back to back (a flood, many talkers) goes out in one send() per
+  connection per burst rather than per recv(). An idle server pays one extra
+  poll per message.
 - Signals arrive through ``signal.set_wakeup_fd`` on a socketpair, so a signal
   wakes the selector and its callback runs in the loop like any other event,
   never inside a Python signal handler.
@@ -51,6 +56,10 @@ def _nothing() -> None:
 _NO_ARG = object()  # a reader called without an argument
 
 
+GATHER_TURNS = 8  # turns in which input keeps arriving before output goes out anyway
+GATHER_SECONDS = 0.005  # and at most this long
+
+
 class _Handlers:
     __slots__ = ("reader", "writer", "arg")
 
@@ -74,6 +83,9 @@ class Loop:
         self._compact_at = 64  # heap size at which cancelled timers are swept out
         self._counter = itertools.count()
         self._soon: list[Callback] = []
+        self._quiet: list[Callback] = []
+        self._quiet_since = 0.0  # when the first of them was asked for
+        self._quiet_turns = 0  # turns they have waited
         self._signals: dict[int, Callback] = {}
         self._old_signals: dict[int, object] = {}
         self._wakeup: tuple[socket.socket, socket.socket] | None = None
@@ -152,6 +164,14 @@ class Loop:
         """Run ``callback`` at the end of this turn (or the next, if idle)."""
         self._soon.append(callback)
 
+    def call_when_quiet(self, callback: Callback) -> None:
+        """Run ``callback`` once no fd is ready, within GATHER_TURNS turns and
+        GATHER_SECONDS (see the module's docstring)."""
+        if not self._quiet:
+            self._quiet_since = self.time()
+            self._quiet_turns = 0
+        self._quiet.append(callback)
+
     # ---- signals -------------------------------------------------------------
 
     def add_signal_handler(self, signum: int, callback: Callback) -> None:
@@ -191,14 +211,15 @@ class Loop:
 
     def run_once(self, timeout: float | None = None) -> None:
         """One turn: wait for events (at most ``timeout``), dispatch them."""
-        if self._soon:
+        if self._soon or self._quiet:
             wait: float | None = 0
         else:
             wait = self._next_timeout()
             if timeout is not None:
                 wait = timeout if wait is None else min(wait, timeout)
         self.turns += 1
-        for key, mask in self._selector.select(wait):
+        ready = self._selector.select(wait)
+        for key, mask in ready:
             h: _Handlers = key.data
             # An earlier callback of this turn may have closed this fd (and a
             # new connection may even have reused its number): check each time.
@@ -212,6 +233,20 @@ class Loop:
                 if self._handlers.get(key.fd) is h:
                     h.writer()
         self._run_timers()
+        self._run_soon()
+        if self._quiet:
+            self._quiet_turns += 1
+            if (
+                not ready
+                or self._quiet_turns > GATHER_TURNS
+                or self.time() - self._quiet_since >= GATHER_SECONDS
+            ):
+                quiet, self._quiet = self._quiet, []
+                for callback in quiet:
+                    callback()
+                self._run_soon()
+
+    def _run_soon(self) -> None:
         while self._soon:
             soon, self._soon = self._soon, []
             for callback in soon:

@@ -25,7 +25,6 @@ from pathlib import Path
 from . import __version__, logs, systemd
 from .auth import Gate, SecretError, is_loopback, load_tokens
 from .config import SETTINGS, ConfigError, Settings, parse_serial_spec, socket_path, tls_host
-from .endpoints import console
 from .endpoints.fifo import FifoReader
 from .endpoints.listeners import (
     open_tcp,
@@ -34,18 +33,19 @@ from .endpoints.listeners import (
     tcp_address,
     unix_peer,
 )
-from .endpoints.serial import SerialBridge
 from .hub import Hub
 from .loop import Loop, Timer
 from .ratelimit import TokenBucket
 from .room import CONSOLE_NAME
 from .sanitize import clean_bytes
-from .store import Store, StoreError
 
 TYPE_CHECKING = False  # (typing itself is not imported: start-up time and memory)
 if TYPE_CHECKING:  # ssl is imported only when there is a TLS listener (start-up time)
     import ssl
 
+    from .endpoints.console import Console
+    from .endpoints.serial import SerialBridge
+    from .store import Store
     from .tls import TlsStream
 
 log = logs.get(__name__)
@@ -157,7 +157,7 @@ class Server:
         self._unix_path: Path | None = None
         self._unix_ino: tuple[int, int] | None = None
         self._fifo: FifoReader | None = None
-        self._console: console.Console | None = None
+        self._console: Console | None = None
         self._serial: dict[int, SerialBridge] = {}  # cid -> bridge (kept across reopens)
         self._paused: set[int] = set()  # connections whose input waits for a later turn
         self._ended: set[int] = set()  # connections whose peer closed its end
@@ -199,6 +199,8 @@ class Server:
             else:
                 self._open_listeners()
             self._check_exposure(s, self.gate.tokens)
+            if s.serial:  # imported only when needed, like the store and the console
+                from .endpoints.serial import SerialBridge
             for text in s.serial:
                 spec = parse_serial_spec(text)
                 bridge = SerialBridge(
@@ -227,10 +229,15 @@ class Server:
             self.loop.add_signal_handler(signum, self.stop)
         if self._reload is not None:
             self.loop.add_signal_handler(signal.SIGHUP, self.reload)
-        if console.wanted(s.console):
-            self.hub.open_local(CONSOLE_CID, CONSOLE_NAME, "console", announce=False)
-            self._console = console.Console(self.loop, CONSOLE_NAME, self._console_line, self.stop)
-            logs.divert(self._console.show)
+        if s.console == "on" or (s.console == "auto" and os.isatty(0)):
+            from .endpoints import console  # only with a terminal (start-up memory)
+
+            if console.wanted(s.console):
+                self.hub.open_local(CONSOLE_CID, CONSOLE_NAME, "console", announce=False)
+                self._console = console.Console(
+                    self.loop, CONSOLE_NAME, self._console_line, self.stop
+                )
+                logs.divert(self._console.show)
         if self._store is None:
             log.warning(
                 "History is kept in memory only, and starts afresh at every restart: set "
@@ -329,6 +336,8 @@ class Server:
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"cannot create the state directory {path}: {exc.strerror}") from None
+        from .store import Store, StoreError
+
         store = Store(path, s.history)
         try:
             loaded = store.load()
@@ -974,7 +983,7 @@ class Server:
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self.loop.call_soon(self._flush_dirty)
+            self.loop.call_when_quiet(self._flush_dirty)
 
     def _flush_dirty(self) -> None:
         self._flush_scheduled = False

@@ -12,6 +12,7 @@ import socket
 
 import pytest
 
+import picchat.loop
 from picchat.loop import Loop
 
 TURNS = 50  # at most this many turns while waiting for something that is due now
@@ -249,6 +250,43 @@ def test_call_soon_on_an_idle_loop_does_not_wait(loop):
     loop.call_soon(lambda: done.append(True))
     loop.run_once()  # no timeout: would block forever if call_soon did not count
     assert done == [True]
+
+
+def test_call_when_quiet_waits_for_a_turn_with_nothing_ready(loop, pair):
+    a, b = pair
+    got = []
+    loop.add_reader(a.fileno(), lambda: got.append(a.recv(10)))
+    flushed = []
+    b.send(b"1")
+    loop.run_once(WAIT)
+    loop.call_when_quiet(lambda: flushed.append(len(got)))
+    b.send(b"2")  # more input before the next turn: it is read first
+    loop.run_once(WAIT)
+    assert got == [b"1", b"2"] and flushed == []
+    loop.run_once()  # nothing ready: a poll that does not wait, then the callback
+    assert flushed == [2]
+
+
+def test_call_when_quiet_runs_within_its_bound_of_turns_under_steady_input(loop, pair):
+    a, b = pair
+    flushed = []
+
+    def readable():
+        a.recv(10)
+        b.send(b"x")  # input that never stops
+        if not flushed:
+            flushed.append(0)
+            loop.call_when_quiet(lambda: flushed.append(loop.turns))
+
+    loop.add_reader(a.fileno(), readable)
+    b.send(b"x")
+    loop.run_once(WAIT)
+    asked = loop.turns
+    monotonic = loop.time
+    loop.time = lambda: monotonic() - 1  # only the bound of turns can end it  # type: ignore
+    for _ in range(picchat.loop.GATHER_TURNS + 1):
+        loop.run_once(WAIT)
+    assert flushed == [0, asked + picchat.loop.GATHER_TURNS]
 
 
 def test_run_once_with_nothing_to_do_returns_after_its_timeout(loop):
