@@ -35,13 +35,17 @@ format: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix picchat tests bench
 
 # Benchmarks (not part of `make test`): what durability costs, per sync policy; then
-# picchat against ncat, miniircd and mosquitto (installs them; rewrites docs/benchmarks.md).
+# picchat against ncat, miniircd and mosquitto (installs them; rewrites docs/benchmarks.md);
+# then idle connections, an idle server and start-up (bench/idle.py).
 bench:
 	$(PYTHON) bench/durability.py
-	$(PYTHON) bench/run.py --runs 3 --json /var/tmp/picchat-bench.json
+	$(PYTHON) bench/run.py --runs 5 --scenarios latency --json /var/tmp/picchat-bench-lat.json
+	$(PYTHON) bench/run.py --runs 3 --scenarios fanout,talkers,stall \
+		--json /var/tmp/picchat-bench.json
 	$(PYTHON) bench/run.py --runs 1 --scenarios stall-long --json /var/tmp/picchat-bench-long.json
-	$(PYTHON) bench/run.py --from-json /var/tmp/picchat-bench.json,/var/tmp/picchat-bench-long.json \
-		--write docs/benchmarks.md
+	$(PYTHON) bench/run.py --write docs/benchmarks.md --from-json \
+		/var/tmp/picchat-bench-lat.json,/var/tmp/picchat-bench.json,/var/tmp/picchat-bench-long.json
+	$(PYTHON) bench/idle.py --runs 3 | tee /var/tmp/picchat-bench-idle.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

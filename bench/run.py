@@ -219,12 +219,16 @@ INTRO = """\
 # Benchmarks: picchat and its peers
 
 Written by `bench/run.py` (except the hand-written "Findings" at the end, which it keeps).
-`make bench` runs `bench/durability.py` (what durability costs), then these three commands:
+`make bench` runs `bench/durability.py` (what durability costs), then these commands (the
+latency scenario five times, as its target is a median of five), then `bench/idle.py`
+((d) idle connections, (e) an idle server, (g) start-up; results in bench/idle-results.md):
 
-    python3 bench/run.py --runs 3 --json /var/tmp/picchat-bench.json
+    python3 bench/run.py --runs 5 --scenarios latency --json /var/tmp/picchat-bench-lat.json
+    python3 bench/run.py --runs 3 --scenarios fanout,talkers,stall \\
+        --json /var/tmp/picchat-bench.json
     python3 bench/run.py --runs 1 --scenarios stall-long --json /var/tmp/picchat-bench-long.json
-    python3 bench/run.py --from-json /var/tmp/picchat-bench.json,/var/tmp/picchat-bench-long.json \\
-        --write docs/benchmarks.md
+    python3 bench/run.py --write docs/benchmarks.md --from-json \\
+        /var/tmp/picchat-bench-lat.json,/var/tmp/picchat-bench.json,/var/tmp/picchat-bench-long.json
 
 ## How it is measured
 
