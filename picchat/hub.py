@@ -201,6 +201,9 @@ class Hub:
         self.peers: dict[int, Peer] = {}
         self.messages = 0  # accepted since start
         self._dirty: set[int] = set()
+        # Some queue is past half of max_queue: the I/O layer should send at
+        # the end of this turn rather than gather more input first.
+        self.full = False
         self._doomed: list[tuple[int, str]] = []
         self._id_secret = os.urandom(16)
         # With durable history (the server's store): messages posted and not
@@ -479,6 +482,7 @@ class Hub:
     def take_dirty(self) -> set[int]:
         self._flush_batch()  # (each call that posts has flushed already)
         dirty, self._dirty = self._dirty, set()
+        self.full = False
         return dirty
 
     def take_doomed(self) -> list[tuple[int, str]]:
@@ -896,8 +900,11 @@ class Hub:
             self._too_slow(peer, leave)
             return False
         peer.out += data
-        if peer.limit is not None and len(peer.out) > peer.limit:
-            self._drop_oldest(peer, len(peer.out) - peer.limit)
+        if peer.limit is not None:
+            if len(peer.out) > peer.limit:
+                self._drop_oldest(peer, len(peer.out) - peer.limit)
+        elif len(peer.out) > self.max_queue // 2:
+            self.full = True
         self._dirty.add(peer.cid)
         self._appended += len(data)
         if self._appended > self.max_total:

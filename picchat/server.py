@@ -162,7 +162,8 @@ class Server:
         self._paused: set[int] = set()  # connections whose input waits for a later turn
         self._ended: set[int] = set()  # connections whose peer closed its end
         self._next_cid = 1
-        self._flush_scheduled = False
+        self._flush_scheduled = False  # a when-quiet flush is asked for
+        self._flush_now = False  # a flush at the end of this turn is asked for
         self._presence_timer: Timer | None = None
         self._stopping = False
         self._stop_timer: Timer | None = None
@@ -981,12 +982,21 @@ class Server:
             )
 
     def _schedule_flush(self) -> None:
-        if not self._flush_scheduled:
+        """Send once input is quiet (bigger sends under load), but at the end
+        of this turn if a queue is half full: gathering more could push a
+        reader that keeps up past max-queue before it got its send."""
+        if self.hub.full:
+            if not self._flush_now:
+                self._flush_now = True
+                self.loop.call_soon(self._flush_dirty)
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_when_quiet(self._flush_dirty)
 
     def _flush_dirty(self) -> None:
-        self._flush_scheduled = False
+        # (a when-quiet call still pending after one at the end of a turn
+        # finds nothing to do; it is not cancelled)
+        self._flush_scheduled = self._flush_now = False
         self._commit()
         if self.notifier.enabled:  # no string to build outside systemd
             self.notifier.status(self._status())  # sent only when it changed

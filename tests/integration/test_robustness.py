@@ -157,3 +157,23 @@ def test_lines_after_quit_while_the_goodbye_is_queued_are_ignored(start_server, 
     listener.expect(rf"^{talker.name}: still up$")
     assert not [line for line in listener.history if "ghost" in line or "boom" in line]
     assert "Traceback" not in server.log
+
+
+def test_many_talkers_at_once_do_not_make_a_reading_member_too_slow(start_server, clients):
+    # Output waits while input keeps arriving (the loop's when-quiet flush),
+    # but not once a queue is half full: ten talkers' bursts arriving
+    # together put 10 x 4 KiB a turn into the reader's queue, under twice
+    # max-queue in one turn, over it in a few (long lines make turns quick).
+    server = start_server("--max-queue", "65536", "--rate-limit", "0")
+    reader = Client(server.port, "reader")
+    talkers = [Client(server.port, f"talker{i}") for i in range(10)]
+    clients.extend([reader, *talkers])
+    lines = 30  # 30 x 4 KB from each, one line a recv()
+    bursts = [
+        b"".join(f"{t} {i:04d} {'z' * 3900}\n".encode() for i in range(lines)) for t in range(10)
+    ]
+    for talker, burst in zip(talkers, bursts, strict=True):
+        talker.send_raw(burst)
+    for _ in range(10 * lines):
+        reader.expect(r"^\S+: \d+ \d{4} z+$", timeout=10)
+    assert not any("too slow" in line for line in server.lines), server.lines[-5:]

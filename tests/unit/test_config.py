@@ -270,9 +270,42 @@ def test_parser_collects_only_given_options():
     assert load(cli=args, env={}).port == 99
 
 
+def test_parser_takes_name_equals_value_and_the_front_end_options():
+    argv = [
+        "--port=99",
+        "--log-chat",
+        "--config",
+        "/etc/picchat/picchat.toml",
+        "--print-fingerprint",
+    ]
+    args = vars(cli.server_parser().parse_args(argv))
+    assert args == {
+        "port": "99",
+        "log_chat": True,
+        "config": "/etc/picchat/picchat.toml",
+        "print_fingerprint": True,
+    }
+
+
+def test_version_and_help_exit_0(capsys):
+    for argv, want in ((["--version"], "picchat "), (["-h"], "usage: picchat-server")):
+        with pytest.raises(SystemExit) as exc:
+            cli.server_parser().parse_args(argv)
+        assert exc.value.code == 0
+        assert capsys.readouterr().out.startswith(want)
+
+
 @pytest.mark.parametrize(
     "argv",
-    [["--no-such-option"], ["--port"], ["--log-level", "loud"], ["stray"], ["--log-chat=1"]],
+    [
+        ["--no-such-option"],
+        ["--port"],
+        ["--log-level", "loud"],
+        ["--log-level=loud"],
+        ["stray"],
+        ["--log-chat=1"],
+        ["--no-port"],
+    ],
 )
 def test_parse_errors_exit_64(argv, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -644,3 +644,16 @@ def test_the_total_is_counted_exactly_only_now_and_then(monkeypatch):
         hub.receive(1, b"y" * 100 + b"\n", float(i))
         hub.output(2).clear()
     assert counts == []  # well under the ceiling: never counted
+
+
+def test_a_queue_past_half_of_max_queue_asks_for_a_send_this_turn():
+    net = Net(max_queue=8192)
+    net.plain(1)
+    net.plain(2)
+    net.settle()
+    net.send(1, b"x" * 1000 + b"\n")
+    assert net.hub.full is False  # the I/O layer may gather more input first
+    net.send(1, b"".join(b"y" * 1000 + b"\n" for _ in range(4)))
+    assert net.hub.full is True  # 2's queue holds over 4096 bytes: send now
+    net.hub.take_dirty()
+    assert net.hub.full is False
