@@ -129,9 +129,14 @@ def get(name: str) -> Logger:
 
 
 def chat(sender: str, text: str, fields: Mapping[str, str]) -> None:
-    """A chat line, at info level, with its journal fields."""
-    if _level <= INFO:
+    """A chat line, at info level, with its journal fields (a line per
+    message: the short way when nothing captures records)."""
+    if _level > INFO:
+        return
+    if _handler is None or _captures:
         _emit("picchat.chat", INFO, f"{sender}: {text}", fields)
+    else:
+        _handler.chat(f"{sender}: {text}", fields)
 
 
 def _emit(
@@ -196,6 +201,9 @@ class StderrWriter:
         self.limit = limit
         self.dropped = 0
         self.on_blocked: Callable[[], None] | None = None  # ask the loop for POLLOUT
+        # Set by the loop's owner: lines are then written once per loop turn,
+        # not each at once (one write for a turn's chat lines).
+        self.on_pending: Callable[[], None] | None = None
         self._buf = bytearray()
         self._sock: socket.socket | None = None
         self.fd = fd
@@ -232,8 +240,12 @@ class StderrWriter:
         if len(self._buf) + len(data) > self.limit:
             self.dropped += 1
             return
+        was_empty = not self._buf
         self._buf += data
-        self.flush()
+        if self.on_pending is None:
+            self.flush()
+        elif was_empty:
+            self.on_pending()
 
     def flush(self) -> None:
         """Write what is buffered; returns early (and asks for POLLOUT) if stderr is full."""
@@ -292,11 +304,11 @@ class JournalNative:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self.sock.setblocking(False)
 
-    def send(self, record: Record, message: str, fields: Mapping[str, str]) -> bool:
+    def send(self, level: int, message: str, fields: Mapping[str, str]) -> bool:
         """False if the journal did not take it (the caller falls back to stderr)."""
         data = {
             "MESSAGE": message,
-            "PRIORITY": str(SYSLOG_PRIORITY.get(record.levelno, 6)),
+            "PRIORITY": str(SYSLOG_PRIORITY.get(level, 6)),
             "SYSLOG_IDENTIFIER": self.identifier,
         }
         data.update({f"PICCHAT_{k}": v for k, v in fields.items()})
@@ -334,22 +346,40 @@ class WriterHandler:
             if "\n" not in text:
                 return prefix + text
             return "\n".join(prefix + line for line in text.split("\n"))
-        second = int(record.created)
-        if second != self._second:
+        return f"{self._stamp_of(record.created)} {record.levelname} {text}"
+
+    def _stamp_of(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:  # made once a second
             self._second = second
             self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-        return f"{self._stamp} {record.levelname} {text}"
+        return self._stamp
 
     def emit(self, record: Record) -> None:
         try:
             if self.native is not None and record.fields is not None:
-                if self.native.send(record, record.message, record.fields):
+                if self.native.send(record.levelno, record.message, record.fields):
                     return
             if self.divert is not None:
                 if record.name != "picchat.chat":  # the console shows chat as chat
                     self.divert(self.format(record))
                 return
             self.writer.write((self.format(record) + "\n").encode("utf-8", "replace"))
+        except Exception:  # logging must never take the daemon down
+            pass
+
+    def chat(self, message: str, fields: Mapping[str, str]) -> None:
+        """``emit`` for a chat line, without making a Record."""
+        try:
+            if self.native is not None and self.native.send(INFO, message, fields):
+                return
+            if self.divert is not None:
+                return  # the console shows chat as chat
+            if self.journal:
+                line = "<6>" + message
+            else:
+                line = f"{self._stamp_of(time.time())} INFO {message}"
+            self.writer.write((line + "\n").encode("utf-8", "replace"))
         except Exception:  # logging must never take the daemon down
             pass
 

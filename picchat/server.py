@@ -226,6 +226,8 @@ class Server:
         self._spare_fd = _open_spare()
         if self._writer is not None:
             self._writer.on_blocked = self._log_blocked
+            writer = self._writer
+            self._writer.on_pending = lambda: self.loop.call_soon(writer.flush)
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(signum, self.stop)
         if self._reload is not None:
@@ -547,6 +549,7 @@ class Server:
         if self._writer is not None:
             self.loop.forget(self._writer.fd)
             self._writer.on_blocked = None
+            self._writer.on_pending = None
             self._writer.flush()
 
     def _close_listeners(self) -> None:

@@ -38,8 +38,7 @@ def test_chat_records_go_to_the_journal_with_fields(tmp_path):
     journal.bind(path)
     journal.settimeout(2)
     native = logs.JournalNative(path)
-    record = logs.Record("picchat.chat", logs.INFO, "alice: hi")
-    assert native.send(record, "alice: hi", {"SENDER": "alice", "SEQ": "7", "ORIGIN": "unix"})
+    assert native.send(logs.INFO, "alice: hi", {"SENDER": "alice", "SEQ": "7", "ORIGIN": "unix"})
     got = parse(journal.recv(65536))
     assert got == {
         "MESSAGE": "alice: hi",

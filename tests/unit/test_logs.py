@@ -304,3 +304,27 @@ def test_writer_reopens_a_pipe_as_its_own_description(pipe):
     assert not os.get_blocking(writer.fd)
     assert os.get_blocking(w)
     writer.close()
+
+
+def test_a_chat_line_without_the_journal_has_a_timestamp(tmp_path, monkeypatch):
+    path = tmp_path / "out.log"
+    with open(path, "wb") as f, handler_on(monkeypatch, f.fileno(), journal=False):
+        logs.chat("alice", "hi 100%", {"SENDER": "alice"})
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO alice: hi 100%\n", path.read_text())
+
+
+def test_with_on_pending_lines_wait_for_one_flush(pipe):
+    r, w = pipe
+    os.set_blocking(r, False)
+    writer = StderrWriter(fd=w, limit=LIMIT)
+    asked = []
+    writer.on_pending = lambda: asked.append(True)  # the loop: flush at the end of the turn
+    writer.write(b"one\n")
+    writer.write(b"two\n")
+    assert asked == [True]  # asked once, when the buffer stopped being empty
+    assert read_all(r) == b""
+    writer.flush()
+    assert read_all(r) == b"one\ntwo\n"
+    writer.write(b"three\n")
+    assert asked == [True, True]
+    writer.close()
