@@ -64,7 +64,10 @@ class ServerOptions:
         while args:
             arg = args.pop(0)
             option, eq, value = arg.partition("=")
-            dest, what = self._options.get(option if option.startswith("--") else arg, ("", ""))
+            if not option.startswith("--"):
+                option, eq = arg, ""
+            option = self._full_name(option)
+            dest, what = self._options.get(option, ("", ""))
             if not what:
                 self.error(f"unrecognized argument: {arg}")
             if what in ("help", "version", "yes", "no"):
@@ -91,6 +94,16 @@ class ServerOptions:
             else:
                 values[dest] = value
         return SimpleNamespace(**values)
+
+    def _full_name(self, option: str) -> str:
+        """An option, or the one it is the unique beginning of (as argparse
+        allows: --max-q for --max-queue)."""
+        if option in self._options or not option.startswith("--"):
+            return option
+        matches = [name for name in self._options if name.startswith(option)]
+        if len(matches) > 1:
+            self.error(f"ambiguous option: {option} could match {', '.join(matches)}")
+        return matches[0] if matches else option
 
     def usage(self) -> str:
         return f"usage: {self.prog} [--help] [--version] [--config PATH] [--SETTING VALUE ...]"

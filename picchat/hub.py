@@ -718,7 +718,8 @@ class Hub:
             peer.replay_next += 1
             if msg.origin and msg.origin == peer.session:
                 continue  # its own message: it has it
-            self._queue(peer, encode(Chat(msg, replay=True), peer.proto.wire))
+            if not self._queue(peer, encode(Chat(msg, replay=True), peer.proto.wire)):
+                return False  # dropped (max-total-queue): no replay any more
         return True
 
     def replaying(self, cid: int) -> bool:

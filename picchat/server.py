@@ -499,7 +499,11 @@ class Server:
         log.info("Shutting down: telling %d connection%s", n, "" if n == 1 else "s")
         self._close_listeners()
         self.hub.shutdown("Server is shutting down. Bye!")
-        self._schedule_flush()
+        # The goodbyes go out at once (not once input is quiet): with no
+        # connection left to wait for, _maybe_finished ends the loop this turn,
+        # and the console and serial lines must have had theirs first.
+        self._flush_now = True
+        self.loop.call_soon(self._flush_dirty)
         self._stop_timer = self.loop.call_later(self.settings.shutdown_timeout, self._finish)
         self.loop.call_soon(self._maybe_finished)
 

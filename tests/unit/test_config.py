@@ -287,6 +287,15 @@ def test_parser_takes_name_equals_value_and_the_front_end_options():
     }
 
 
+def test_an_option_may_be_shortened_while_it_is_unambiguous(capsys):
+    args = vars(cli.server_parser().parse_args(["--max-q", "1000", "--conf=/x.toml", "--no-log"]))
+    assert args == {"max_queue": "1000", "config": "/x.toml", "log_chat": False}
+    with pytest.raises(SystemExit) as exc:
+        cli.server_parser().parse_args(["--max", "1000"])
+    assert exc.value.code == 64
+    assert "ambiguous option: --max could match --max-line, --max-queue" in capsys.readouterr().err
+
+
 def test_version_and_help_exit_0(capsys):
     for argv, want in ((["--version"], "picchat "), (["-h"], "usage: picchat-server")):
         with pytest.raises(SystemExit) as exc:

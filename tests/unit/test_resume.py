@@ -570,3 +570,25 @@ def test_a_resume_seq_beyond_the_newest_is_treated_as_another_history():
     assert [f["type"] for f in frames][:2] == ["welcome", "gap"]
     assert frames[1]["reason"] == "new_history"
     assert [f["text"] for f in frames if f["type"] == "msg"] == ["one"]
+
+
+def test_a_replay_cut_short_by_max_total_queue_ends_without_an_error():
+    # Copying history into a resuming peer's queue can pass max-total-queue:
+    # the peer is dropped, and the replay ends there.
+    hub = Hub(
+        history_id="h1",
+        history_limit=100,
+        max_line=256,
+        max_queue=1 << 20,
+        log_chat=False,
+        max_total=3000,
+    )
+    hub.open(1, "10.0.0.1:1")
+    for i in range(40):
+        hub.post("cron", f"message number {i} " + "x" * 20, 1000.0)
+    hub.output(1).clear()
+    hub.open(2, "10.0.0.2:1")
+    hub.output(2).clear()
+    hub.receive(2, encode_hello("bob", resume={"history_id": "h1", "seq": 0}), 1000.0)
+    assert not hub.replaying(2)
+    assert 2 in [cid for cid, _ in hub.take_doomed()]
