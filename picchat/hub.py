@@ -204,14 +204,18 @@ class Hub:
         # Some queue is past half of max_queue: the I/O layer should send at
         # the end of this turn rather than gather more input first.
         self.full = False
+        self._batch_bytes = 0  # about what the batch adds to each member's queue
         self._doomed: list[tuple[int, str]] = []
         self._id_secret = os.urandom(16)
         # With durable history (the server's store): messages posted and not
         # yet handed to the store, and acks that wait until they are on disk.
         self.posted: list[Message] | None = None
         self._unconfirmed: list[tuple[int, str, int]] = []  # (cid, message id, seq)
-        # Chat posted during this call and not yet queued: the lines of one
-        # recv() reach each member as one append (see _flush_batch).
+        # Chat posted and not yet queued: what is posted until the I/O layer
+        # next asks for output (take_dirty, output) reaches each member as one
+        # append (see _flush_batch). Any other output, and any change of who
+        # is in the room or replaying, queues it first. Decisions it causes
+        # (a reader too far behind) are made then: take_doomed after take_dirty.
         self._batch: list[Deliver] = []
 
     # ---- what the I/O layer reports ----------------------------------------
@@ -242,6 +246,7 @@ class Hub:
         self._admit(peer)
 
     def _admit(self, peer: Peer) -> None:
+        self._flush_batch()  # chat posted before it joined is not for it
         name = self.room.join(peer.cid)
         self._send(peer, self._welcome(name))
         # Logged as a member once it shows it is one (a line, a member hello,
@@ -261,6 +266,7 @@ class Hub:
         peer.logged = True
         peer.limit = limit
         self.peers[cid] = peer
+        self._flush_batch()  # chat posted before it joined is not for it
         self.room.join(cid, name, announce=announce)
         if announce:
             log.info("%s joined from %s", name, address)
@@ -417,15 +423,14 @@ class Hub:
             self._handle(peer, request, now)
             if peer.closing or peer.doomed or peer.wake_at is not None:
                 break
-        self._flush_batch()
 
     def post(self, sender: str, text: str, now: float) -> None:
         """A message from a non-member source (the FIFO)."""
         self._post(sender, text, now, exclude=None, way="fifo")
-        self._flush_batch()
 
     def gone(self, cid: int, reason: str) -> None:
         """The I/O layer closed or lost the connection."""
+        self._flush_batch()  # while it is still a member to skip or serve
         peer = self.peers.pop(cid, None)
         if peer is None:
             return
@@ -463,6 +468,8 @@ class Hub:
 
     def output(self, cid: int) -> bytearray:
         """The connection's output queue: send from its front, then delete what went."""
+        if self._batch:
+            self._flush_batch()
         return self.peers[cid].out
 
     def check_behind(self, cid: int) -> bool:
@@ -480,7 +487,7 @@ class Hub:
         return peer is not None and peer.closing and not peer.out
 
     def take_dirty(self) -> set[int]:
-        self._flush_batch()  # (each call that posts has flushed already)
+        self._flush_batch()  # the chat of every recv() since the last time
         dirty, self._dirty = self._dirty, set()
         self.full = False
         return dirty
@@ -529,9 +536,7 @@ class Hub:
                     msg = self._post(name, text, now, cid, origin, peer.way, id_ or "")
                 if id_ is not None and peer.proto.wire is Wire.JSON:
                     if self.posted is None:
-                        # Only the sender gets it, and its own chat is not
-                        # sent to it: no need to flush the batch first.
-                        self._append(peer, encode(Ack(id_, msg.seq), peer.proto.wire))
+                        self._send(peer, Ack(id_, msg.seq))  # after the chat before it
                     else:  # acknowledged once it is on disk (confirm)
                         self._unconfirmed.append((cid, id_, msg.seq))
                     if session is not None and key is not None:
@@ -705,6 +710,9 @@ class Hub:
         peer = self.peers.get(cid)
         if peer is None or peer.replay_next is None or peer.doomed:
             return False
+        # Chat still in the batch is in the history already: queue it (to
+        # the others) before this replay can catch up and go live.
+        self._flush_batch()
         room = self.room
         if peer.replay_next < room.oldest_seq:  # history moved on under the replay
             self._send(peer, self._overflow_gap(room.oldest_seq - peer.replay_next))
@@ -812,6 +820,9 @@ class Hub:
             fields = {"SENDER": sender, "SEQ": str(msg.seq), "ORIGIN": way}
             logs.chat(sender, text, fields)
         self._batch += out  # queued by _flush_batch, before any other output
+        self._batch_bytes += len(text) + 64
+        if self._batch_bytes > self.max_queue // 2:
+            self.full = True  # this much waiting for every member: send this turn
         return msg
 
     # ---- output ----------------------------------------------------------------
@@ -832,6 +843,7 @@ class Hub:
         if not batch:
             return
         self._batch = []
+        self._batch_bytes = 0
         if len(batch) == 1:
             self._deliver(batch[0])
             return

@@ -440,6 +440,7 @@ def test_a_doomed_peer_is_ignored_until_it_is_gone():
     net.open(2)
     for _ in range(10):  # past the hard bound (2 x max_queue) within one turn
         net.send(2, b"z" * 1000 + b"\n")
+    net.hub.take_dirty()  # the end of the turn: the chat is queued
     assert [cid for cid, _ in net.hub.take_doomed()] == [1]
     net.send(1, b"hello from the dead\n")
     assert net.read(2) == b""
@@ -479,6 +480,7 @@ def test_a_broadcast_to_100_plain_members_is_encoded_once(net, encode_calls):
         net.open(cid)
     encode_calls.clear()
     net.hub.post("fifo", "to all", net.now)
+    net.hub.take_dirty()  # the end of the turn: the chat is queued
     assert len(encode_calls) == 1
     assert all(net.lines(cid) == ["fifo: to all"] for cid in range(100))
 
@@ -488,6 +490,7 @@ def test_a_message_from_a_member_to_99_others_is_encoded_once(net, encode_calls)
         net.open(cid)
     encode_calls.clear()
     net.send(0, b"hi all\n")
+    net.hub.take_dirty()
     assert len(encode_calls) == 1
     assert all(net.lines(cid) == ["guest1: hi all"] for cid in range(1, 100))
 
@@ -499,6 +502,7 @@ def test_a_broadcast_to_plain_and_json_members_is_encoded_twice(net, encode_call
         net.structured(cid, f"bot{cid}")
     encode_calls.clear()
     net.hub.post("fifo", "to all", net.now)
+    net.hub.take_dirty()
     assert sorted(w.value for _, w in encode_calls) == ["json", "plain"]
     assert all(net.lines(cid) == ["fifo: to all"] for cid in range(90))
     assert all(net.frames(cid)[0]["text"] == "to all" for cid in range(90, 100))
@@ -521,7 +525,7 @@ def test_a_presence_line_for_many_is_encoded_once_per_format(net, encode_calls):
     assert all(net.frames(cid)[0]["joined_count"] == 100 for cid in range(50, 60))
 
 
-def test_the_lines_of_one_receive_reach_each_member_in_one_append(net, monkeypatch):
+def test_the_lines_of_a_turn_reach_each_member_in_one_append(net, monkeypatch):
     for cid in range(1, 51):
         net.open(cid)
     net.settle()
@@ -534,8 +538,10 @@ def test_the_lines_of_one_receive_reach_each_member_in_one_append(net, monkeypat
 
     monkeypatch.setattr(Hub, "_append", counting)
     net.send(1, b"".join(b"line %d\n" % i for i in range(40)))
+    net.send(1, b"".join(b"line %d\n" % i for i in range(40, 60)))  # another recv()
+    net.hub.take_dirty()  # the end of the turn
     assert sorted(appends) == list(range(2, 51))  # once per member but the sender
-    want = [f"guest1: line {i}" for i in range(40)]
+    want = [f"guest1: line {i}" for i in range(60)]
     assert all(net.lines(cid) == want for cid in range(2, 51))
     assert net.read(1) == b""
 
@@ -584,6 +590,7 @@ def test_a_reader_that_a_batch_puts_too_far_behind_leaves_after_it(net):
     small.settle()
     small.hub.output(3).extend(b"x" * 8000)  # 3 has stopped reading
     small.send(1, b"".join(b"message %d\n" % i for i in range(30)))
+    small.hub.take_dirty()
     assert [cid for cid, _ in small.hub.take_doomed()] == [3]
     assert len(small.lines(2)) == 30
     assert small.hub.members == 2
