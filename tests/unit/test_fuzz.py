@@ -605,11 +605,13 @@ class HubMachine(RuleBasedStateMachine):
         self.ended[cid] = bytes(self.received.pop(cid))
 
     def after(self) -> None:
-        """The end of a turn, as the server does it."""
+        """The end of a turn, as the server does it: take the output (which
+        queues the batched chat), then drop the doomed."""
+        dirty = self.hub.take_dirty()
         for cid, reason in self.hub.take_doomed():
             self.close(cid, reason)
-        for cid in self.hub.take_dirty():
-            if self.hub.should_close(cid):
+        for cid in dirty:
+            if cid in self.received and self.hub.should_close(cid):
                 self.close(cid, "closing")
 
     # -- invariants
