@@ -1022,34 +1022,13 @@ class Server:
             self._maybe_finished()
 
     def _flush(self, cid: int) -> None:
+        """Send what waits, refill a replay, and watch for POLLOUT while
+        output waits."""
         self._commit()  # nothing of this turn goes out before it is on disk
         conn = self._conns.get(cid)
         if conn is None:
             return
-        if conn.tls is None and not conn.writing:
-            # The common case, kept short (it runs for every member in every
-            # turn with chat): a plain socket that takes all of it at once.
-            out = self.hub.output(cid)
-            try:
-                sent = conn.sock.send(out)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as exc:
-                self._drop(cid, exc.strerror or "send failed")
-                return
-            if sent == len(out):
-                out.clear()
-                if self.hub.replaying(cid) or self.hub.should_close(cid):
-                    self._flush_rest(cid, conn, out)
-                return
-            del out[:sent]
-        else:
-            out = self.hub.output(cid) if conn.opened else bytearray()
-        self._flush_rest(cid, conn, out)
-
-    def _flush_rest(self, cid: int, conn: Conn, out: bytearray) -> None:
-        """Send what is left, refill a replay, and watch for POLLOUT while
-        output waits."""
+        out = self.hub.output(cid) if conn.opened else bytearray()
         while True:
             if not self._send(cid, conn, out):
                 return  # dropped
