@@ -40,7 +40,7 @@ format: $(VENV)/.installed
 bench:
 	$(PYTHON) bench/durability.py
 	$(PYTHON) bench/run.py --runs 5 --scenarios latency --json /var/tmp/picchat-bench-lat.json
-	$(PYTHON) bench/run.py --runs 3 --scenarios fanout,talkers,stall \
+	$(PYTHON) bench/run.py --runs 3 --scenarios fanout,fanout-wide,talkers,stall \
 		--json /var/tmp/picchat-bench.json
 	$(PYTHON) bench/run.py --runs 1 --scenarios stall-long --json /var/tmp/picchat-bench-long.json
 	$(PYTHON) bench/run.py --write docs/benchmarks.md --from-json \

@@ -20,7 +20,12 @@ Scenarios (each bounded in messages and seconds):
 - ``fanout``: 100 receivers, 1 sender, flood with at most WINDOW messages in
   flight (sent but not yet received by every reading receiver);
 - ``talkers``: 50 clients each sending (paced) and receiving;
+- ``fanout-wide``: ``fanout`` with a window wide enough (2,000) that each server
+  runs at its own limit rather than at the pace of its round trips;
 - ``stall``: ``fanout`` with one receiver that never reads.
+
+Flood scenarios record the latency of every 10th message (a uniform sample),
+so that the generator's memory stays bounded.
 
 Reports deliveries/s, loss, duplicates, corrupted lines, order violations,
 latency p50/p99/max, the generator's CPU and, given ``--pid``, the server's
@@ -68,16 +73,19 @@ class Scenario:
     talkers: bool = False  # every client sends and receives
     stall: int = 0  # receivers that never read
     drain: float = 3.0  # seconds to wait for the last deliveries
+    sample: int = 1  # latency of messages whose seq is a multiple of this (a uniform sample)
 
 
 SCENARIOS = {
     "latency": Scenario("latency", 10, 1, 2000, 500.0, 8.0),
-    "fanout": Scenario("fanout", 100, 1, 20000, 0.0, 5.0, window=200),
+    "fanout": Scenario("fanout", 100, 1, 150000, 0.0, 5.0, window=200, sample=10),
+    # the same with a window wide enough that each server runs at its own limit
+    "fanout-wide": Scenario("fanout-wide", 100, 1, 150000, 0.0, 5.0, window=2000, sample=10),
     "talkers": Scenario("talkers", 50, 50, 100, 20.0, 8.0, talkers=True),
     # 12 s: the stalled receiver's loopback buffers (about 3 MB here) must fill first
-    "stall": Scenario("stall", 100, 1, 60000, 0.0, 12.0, window=200, stall=1),
+    "stall": Scenario("stall", 100, 1, 60000, 0.0, 12.0, window=200, stall=1, sample=10),
     # longer, so that the backlog outgrows the kernel's buffers (not in the default set)
-    "stall-long": Scenario("stall-long", 100, 1, 150000, 0.0, 40.0, window=200, stall=1),
+    "stall-long": Scenario("stall-long", 100, 1, 150000, 0.0, 40.0, window=200, stall=1, sample=10),
 }
 
 
@@ -238,10 +246,11 @@ class Tally:
        which counts exactly.
     """
 
-    def __init__(self, base: int, messages: int, talkers: bool = False) -> None:
+    def __init__(self, base: int, messages: int, talkers: bool = False, sample: int = 1) -> None:
         self.base = base
         self.messages = messages
         self.talkers = talkers
+        self.sample = sample  # latency of every sample-th seq only
         self.timing = False  # record latencies (send and drain phases only)
         self.lat_ns: list[int] = []
         self.foreign = 0
@@ -274,7 +283,9 @@ class Tally:
         c.got += n
         c.top[c.sid] = c.last[c.sid] = q + n - 1
         if self.timing:
-            self.lat_ns.extend(map(operator.sub, repeat(now_ns, n), self.stamps[c.sid][q : q + n]))
+            k = self.sample
+            sent_ns = self.stamps[c.sid][q + (-q % k) : q + n : k]
+            self.lat_ns.extend(map(operator.sub, repeat(now_ns, len(sent_ns)), sent_ns))
         return True
 
     def receive(self, c: Conn, text: bytes, now_ns: int) -> None:
@@ -317,7 +328,12 @@ class Tally:
         c.got += n
         c.top[sid] = c.last[sid] = seqs[-1]
         if self.timing:
-            self.lat_ns.extend(map(operator.sub, repeat(now_ns, n), map(int, stamps)))
+            k = self.sample
+            if k == 1:
+                self.lat_ns.extend(map(operator.sub, repeat(now_ns, n), map(int, stamps)))
+            else:
+                pairs = zip(seqs, stamps, strict=True)
+                self.lat_ns += [now_ns - int(t) for q, t in pairs if not q % k]
         if sid in self.sent:  # from now on, compare with what it sent
             eol = b"\r\n" if text.endswith(b"\r\n") else b"\n"
             i = text.find(MARK)
@@ -368,7 +384,7 @@ class Tally:
             c.last[sid] = seq
             if seq > c.top.get(sid, -1):
                 c.top[sid] = seq
-            if self.timing:
+            if self.timing and not seq % self.sample:
                 self.lat_ns.append(now_ns - ts)
 
 
@@ -520,7 +536,7 @@ def run(proto: str, port: int, sc: Scenario, pid: int | None = None, limit: floa
     res = Result()
     base = random.randrange(1, 1 << 30) * ID_SPAN
     seqs = [0] * len(senders)
-    tally = Tally(base, sc.messages, sc.talkers)
+    tally = Tally(base, sc.messages, sc.talkers, sc.sample)
     res.lat_ns = tally.lat_ns
     phase = "probe"
     probers = [senders[0]] + ([conns[1]] if senders[0].receiving else [])

@@ -207,6 +207,12 @@ class Running:
 SERVERS = [
     Server("picchat", "plain", "picchat"),
     Server("picchat-rl0", "plain", "picchat", extra=["--rate-limit", "0"]),
+    Server(
+        "picchat-rl0-interval",
+        "plain",
+        "picchat",
+        extra=["--rate-limit", "0", "--sync", "interval"],
+    ),
     Server("picchat-rl0-mem", "plain", "picchat", extra=["--rate-limit", "0"], state_dir=False),
     Server("ncat", "plain", "ncat"),
     Server("miniircd", "irc", "miniircd"),

@@ -28,11 +28,12 @@ import loadgen
 import peers
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["latency", "fanout", "talkers", "stall", "stall-long"]
-DEFAULT = ORDER[:4]  # stall-long (40 s per server) only when asked for
+ORDER = ["latency", "fanout", "fanout-wide", "talkers", "stall", "stall-long"]
+DEFAULT = ORDER[:5]  # stall-long (40 s per server) only when asked for
 TITLES = {
     "latency": "(a) latency: 10 receivers, 1 sender, 2,000 messages at 500/s",
     "fanout": "(b) fan-out: 100 receivers, 1 sender, flood, at most 200 messages in flight, 5 s",
+    "fanout-wide": "(b, wide) the same with at most 2,000 messages in flight, 5 s",
     "talkers": "(c) many talkers: 50 clients each sending 100 messages at 20/s and receiving",
     "stall": "(f) one of the 100 receivers of (b) stops reading: what the 99 others get",
     "stall-long": "(f, 40 s) the same, sending for up to 40 s (150,000 messages at most)",
