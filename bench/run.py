@@ -225,7 +225,7 @@ latency scenario five times, as its target is a median of five), then `bench/idl
 ((d) idle connections, (e) an idle server, (g) start-up; results in bench/idle-results.md):
 
     python3 bench/run.py --runs 5 --scenarios latency --json /var/tmp/picchat-bench-lat.json
-    python3 bench/run.py --runs 3 --scenarios fanout,talkers,stall \\
+    python3 bench/run.py --runs 3 --scenarios fanout,fanout-wide,talkers,stall \\
         --json /var/tmp/picchat-bench.json
     python3 bench/run.py --runs 1 --scenarios stall-long --json /var/tmp/picchat-bench-long.json
     python3 bench/run.py --write docs/benchmarks.md --from-json \\
@@ -243,7 +243,14 @@ latency scenario five times, as its target is a median of five), then `bench/idl
 - **Counted per receiver**: unique deliveries (deliveries/s = all receivers' deliveries over
   the time from the first send to the last delivery or the end of the drain), duplicates,
   corrupted lines (bad checksum), order violations (a sender's sequence number going
-  back), latency (receive time − send timestamp, both from one monotonic clock).
+  back), latency (receive time − send timestamp, both from one monotonic clock; in the
+  flood scenarios (b) and (f), of every 10th message, a uniform sample).
+- **The generator checks at C speed**, so that it can keep up with the fastest server: a
+  receiver's chunk of lines is compared byte for byte with the lines its sender sent (each
+  with the prefix the server adds); where that fails (another sender, a probe, a lost,
+  repeated or damaged line) one regex pass and checksums check it, and where that fails too,
+  it goes line by line. `tests/unit/test_bench_loadgen.py` holds the three to the same
+  counts.
   **undelivered %** = messages sent (handed to the kernel) but not received by the end of
   the run (the send phase plus a drain of up to 3 s): it is loss *or* back-pressure that did
   not finish in time (picchat's rate limit never drops a line; it reads the sender more
@@ -266,16 +273,19 @@ latency scenario five times, as its target is a median of five), then `bench/idl
 - **corrupt** lines from **ncat**: `ncat --chat` puts its `<userN> ` prefix in front of each
   chunk it reads, not each line, so a line that spans two reads gets the prefix in its middle
   (`~B~…:148:16<user4> 124068236533:…`). The other servers frame by line or packet.
-- In (b) and (f) the generator (Python, one core) is near 100 % with the fastest servers:
-  there deliveries/s are a lower bound of what the server could do; server µs/delivery and
-  the server's CPU % stay comparable. With 200 messages in flight to 100 receivers the
-  latency in (b) and (f) is mostly queueing.
+- **(b) and (b, wide)**: the sender keeps at most 200 (or 2,000) messages in flight, i.e.
+  sent but not yet received by every reading receiver. With 200 a server that takes long
+  from reading a line to writing it out is held to that pace (its CPU % stays low); with
+  2,000 each server runs until it or the generator saturates a core. Where the generator
+  (Python, one core) is near 100 %, the server's deliveries/s are a lower bound of what it
+  could do; server µs/delivery and the server's CPU % stay comparable. Latency in floods is
+  mostly queueing.
 - (c) sends 50 × 100 messages at 20/s per client (1,000 messages/s in, about 49,000
   deliveries/s out): within picchat's default rate limit.
 - (f): the receiver that stops reading has a 4 KiB `SO_RCVBUF`, but the server's side of a
   loopback connection still buffers about 3 MB (send-buffer autotuning), so a server notices
-  the stall only after that. In the (f) runs below (12 s) that buffer was enough for every
-  server (the stalled receiver could read everything afterwards); (f, 40 s) sends for longer.
+  the stall only after that; (f, 40 s) sends for longer, for servers slow enough that (f)
+  ends before their buffers fill.
   **stalled one dropped** is 1 when the server had disconnected it by the end; **stalled one
   got** is how many messages it could still read afterwards. Latency and deliveries are the
   99 others'.
@@ -297,9 +307,10 @@ Settings changed from picchat's defaults, all listed: the port; `--socket off` (
 socket, so that concurrent servers do not collide; the benchmark does not use it);
 `--state-dir DIR/state`, which turns on the durable history with the default `sync = commit`
 policy (group commit: one fsync per loop turn), as the durability issue asks; and, in the
-rows labelled **picchat-rl0** and **picchat-rl0-mem** only, `--rate-limit 0` (no
-per-connection rate limit); **picchat-rl0-mem** also runs without `--state-dir` (history in
-memory only, picchat's default without a state directory). picchat's
+rows labelled **picchat-rl0…** only, `--rate-limit 0` (no per-connection rate limit);
+**picchat-rl0-interval** also sets `--sync interval` (written at once, fsynced every 5 s:
+survives a crash of picchat, not a power cut); **picchat-rl0-mem** runs without
+`--state-dir` (history in memory only, picchat's default without a state directory). picchat's
 default rate limit is 50 lines/s per connection with a burst of 200: a single sender in (a)
 (500/s) and (b) (flood) is read at that pace, so those rows measure the rate limit, not the
 server. Everything else is the default (`log-chat` on: every chat line is logged to stderr,
