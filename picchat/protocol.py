@@ -78,6 +78,10 @@ class Wire(Enum):
     PLAIN = "plain"
     JSON = "json"
 
+    # Members are singletons: hash by identity, in C (Enum's own __hash__ is
+    # Python, and a Wire keys the per-message encoding cache of every delivery).
+    __hash__ = object.__hash__
+
 
 class State(Enum):
     AWAIT_AUTH = "await-auth"
@@ -196,8 +200,9 @@ def _with_id(obj: dict[str, Any], id_: str | None) -> dict[str, Any]:
     return obj
 
 
-def _dumps(obj: dict[str, Any]) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+# Compact JSON, for the wire and the history on disk. One encoder for all:
+# json.dumps with options builds a new JSONEncoder at every call.
+dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def encode(frame: Frame, wire: Wire) -> bytes:
@@ -207,12 +212,12 @@ def encode(frame: Frame, wire: Wire) -> bytes:
         return b"" if text is None else (text + "\n").encode()
     if isinstance(frame, Welcome):  # the hello reply carries the version tag
         return encode_hello_reply(frame)
-    return (_dumps(json_object(frame)) + "\n").encode()
+    return (dumps(json_object(frame)) + "\n").encode()
 
 
 def encode_hello_reply(frame: Frame) -> bytes:
     """A JSON frame behind the version tag: the hello's answer (welcome or error)."""
-    return f"{HELLO_TAG} {_dumps(json_object(frame))}\n".encode()
+    return f"{HELLO_TAG} {dumps(json_object(frame))}\n".encode()
 
 
 def encode_hello(name: str | None, *, member: bool = True, client: str = "", **extra: Any) -> bytes:
@@ -222,11 +227,11 @@ def encode_hello(name: str | None, *, member: bool = True, client: str = "", **e
     if client:
         obj["client"] = client
     obj.update(extra)
-    return f"{HELLO_TAG} {_dumps(obj)}\n".encode()
+    return f"{HELLO_TAG} {dumps(obj)}\n".encode()
 
 
 def encode_request(obj: dict[str, Any]) -> bytes:
-    return (_dumps(obj) + "\n").encode()
+    return (dumps(obj) + "\n").encode()
 
 
 # ---- the server's side of one connection ----------------------------------
@@ -248,21 +253,17 @@ def _opt_id(value: Any) -> str | None:
 class ServerConnection:
     """Parses what one peer sends. Holds no socket; knows nothing of the room."""
 
-    __slots__ = ("_eof", "_json", "_overlong", "_reader", "lines", "state")
+    __slots__ = ("_eof", "_overlong", "_reader", "lines", "state", "wire")
 
     def __init__(self, max_line: int, auth: bool = False) -> None:
         self.state = State.AWAIT_AUTH if auth else State.AWAIT_FIRST
-        self._json = False  # its hello was accepted: structured until the end
+        # JSON once its hello was accepted, until the end: still JSON once CLOSED
+        # (the requests that came with the end of input are answered after that).
+        self.wire = Wire.PLAIN
         self._reader = LineReader(max_line)
         self._eof = False  # the peer closed its end; lines may still wait
         self.lines = 0  # lines taken from the input so far (what the rate limit counts)
         self._overlong = False  # an overlong line came while judging: reported after
-
-    @property
-    def wire(self) -> Wire:
-        # Still JSON once CLOSED: the requests that came with the end of input
-        # (an unterminated last line) are answered after the state changed.
-        return Wire.JSON if self.state is State.JSON or self._json else Wire.PLAIN
 
     @property
     def max_line(self) -> int:
@@ -414,7 +415,7 @@ class ServerConnection:
             self.state = State.CLOSED
             return Fatal("bad_hello", f"bad hello: {exc}")
         self.state = State.JSON
-        self._json = True
+        self.wire = Wire.JSON
         return Hello(VERSION, name, member, client, session, resume)
 
 

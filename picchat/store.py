@@ -40,6 +40,7 @@ from pathlib import Path
 
 from . import logs
 from .events import Message, Value
+from .protocol import dumps
 
 log = logs.get(__name__)
 
@@ -107,7 +108,7 @@ def encode_record(msg: Message) -> bytes:
         obj["origin"] = msg.origin
     if msg.id:
         obj["id"] = msg.id
-    payload = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    payload = dumps(obj).encode()
     return _HEAD.pack(len(payload), zlib.crc32(payload)) + payload
 
 
