@@ -11,7 +11,8 @@ while idle: the select timeout is the time to the next due timer, or forever.
   ``GATHER_SECONDS``: the server flushes its output there, so that input
   arriving back to back (a flood, many talkers) goes out in one send() per
   connection per burst rather than per recv(). An idle server pays one extra
-  poll per message.
+  poll per message. ``hurry`` makes them run at the end of the current turn
+  instead (a queue that must not wait for more).
 - Signals arrive through ``signal.set_wakeup_fd`` on a socketpair, so a signal
   wakes the selector and its callback runs in the loop like any other event,
   never inside a Python signal handler.
@@ -86,6 +87,7 @@ class Loop:
         self._quiet: list[Callback] = []
         self._quiet_since = 0.0  # when the first of them was asked for
         self._quiet_turns = 0  # turns they have waited
+        self._hurry = False  # run them at the end of this turn
         self._signals: dict[int, Callback] = {}
         self._old_signals: dict[int, object] = {}
         self._wakeup: tuple[socket.socket, socket.socket] | None = None
@@ -170,7 +172,13 @@ class Loop:
         if not self._quiet:
             self._quiet_since = self.time()
             self._quiet_turns = 0
+            self._hurry = False
         self._quiet.append(callback)
+
+    def hurry(self) -> None:
+        """Run the pending ``call_when_quiet`` callbacks at the end of this turn."""
+        if self._quiet:
+            self._hurry = True
 
     # ---- signals -------------------------------------------------------------
 
@@ -238,6 +246,7 @@ class Loop:
             self._quiet_turns += 1
             if (
                 not ready
+                or self._hurry
                 or self._quiet_turns > GATHER_TURNS
                 or self.time() - self._quiet_since >= GATHER_SECONDS
             ):

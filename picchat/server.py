@@ -163,7 +163,6 @@ class Server:
         self._ended: set[int] = set()  # connections whose peer closed its end
         self._next_cid = 1
         self._flush_scheduled = False  # a when-quiet flush is asked for
-        self._flush_now = False  # a flush at the end of this turn is asked for
         self._presence_timer: Timer | None = None
         self._stopping = False
         self._stop_timer: Timer | None = None
@@ -499,13 +498,13 @@ class Server:
         log.info("Shutting down: telling %d connection%s", n, "" if n == 1 else "s")
         self._close_listeners()
         self.hub.shutdown("Server is shutting down. Bye!")
-        # The goodbyes go out at once (not once input is quiet): with no
-        # connection left to wait for, _maybe_finished ends the loop this turn,
-        # and the console and serial lines must have had theirs first.
-        self._flush_now = True
-        self.loop.call_soon(self._flush_dirty)
+        # The goodbyes go out at the end of this turn (not once input is
+        # quiet); then _flush_dirty calls _maybe_finished, which ends the loop
+        # if no connection is left to wait for: the console and serial lines
+        # have had theirs by then.
+        self._schedule_flush()
+        self.loop.hurry()
         self._stop_timer = self.loop.call_later(self.settings.shutdown_timeout, self._finish)
-        self.loop.call_soon(self._maybe_finished)
 
     def _maybe_finished(self) -> None:
         if self._stopping and not self._conns:
@@ -992,18 +991,14 @@ class Server:
         """Send once input is quiet (bigger sends under load), but at the end
         of this turn if a queue is half full: gathering more could push a
         reader that keeps up past max-queue before it got its send."""
-        if self.hub.full:
-            if not self._flush_now:
-                self._flush_now = True
-                self.loop.call_soon(self._flush_dirty)
-        elif not self._flush_scheduled:
+        if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_when_quiet(self._flush_dirty)
+        if self.hub.full:
+            self.loop.hurry()
 
     def _flush_dirty(self) -> None:
-        # (a when-quiet call still pending after one at the end of a turn
-        # finds nothing to do; it is not cancelled)
-        self._flush_scheduled = self._flush_now = False
+        self._flush_scheduled = False
         self._commit()
         if self.notifier.enabled:  # no string to build outside systemd
             self.notifier.status(self._status())  # sent only when it changed

@@ -378,3 +378,32 @@ def test_cancelled_timers_are_swept_out_of_the_heap_and_release_their_callbacks(
         assert set(timers[-10:]) <= live
     finally:
         loop.close()
+
+
+def test_hurry_runs_the_when_quiet_callbacks_at_the_end_of_this_turn(loop, pair):
+    a, b = pair
+    flushed = []
+
+    def readable():
+        a.recv(10)
+        b.send(b"x")  # input that never stops: only hurry ends the gathering
+        loop.call_when_quiet(lambda: flushed.append(loop.turns))
+        loop.hurry()
+
+    loop.add_reader(a.fileno(), readable)
+    b.send(b"x")
+    loop.run_once(WAIT)
+    assert flushed == [loop.turns]
+
+
+def test_hurry_without_a_pending_callback_does_not_cut_the_next_gathering_short(loop, pair):
+    a, b = pair
+    loop.hurry()  # nothing pending: nothing to hurry
+    flushed = []
+    loop.add_reader(a.fileno(), lambda: a.recv(10))
+    loop.call_when_quiet(lambda: flushed.append(True))
+    b.send(b"x")
+    loop.run_once(WAIT)  # input was ready: keep gathering
+    assert flushed == []
+    loop.run_once()
+    assert flushed == [True]
