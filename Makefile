@@ -36,7 +36,8 @@ format: $(VENV)/.installed
 
 # Benchmarks (not part of `make test`): what durability costs, per sync policy; then
 # picchat against ncat, miniircd and mosquitto (installs them; rewrites docs/benchmarks.md);
-# then idle connections, an idle server and start-up (bench/idle.py).
+# then idle connections, an idle server and start-up (bench/idle.py); then 5,000 idle members
+# (bench/scale.py, quoted in docs/robustness.md).
 bench:
 	$(PYTHON) bench/durability.py
 	$(PYTHON) bench/run.py --runs 5 --scenarios latency --json /var/tmp/picchat-bench-lat.json
@@ -46,6 +47,7 @@ bench:
 	$(PYTHON) bench/run.py --write docs/benchmarks.md --from-json \
 		/var/tmp/picchat-bench-lat.json,/var/tmp/picchat-bench.json,/var/tmp/picchat-bench-long.json
 	$(PYTHON) bench/idle.py --runs 3 | tee /var/tmp/picchat-bench-idle.md
+	$(PYTHON) bench/scale.py | tee /var/tmp/picchat-bench-scale.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -33,10 +33,13 @@ import peers
 PERIOD = 0.02  # seconds between the talker's lines
 
 
-def raise_nofile(need: int) -> None:
+def raise_nofile(need: int) -> int:
+    """Raise this process's fd limit towards need; returns the limit now."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < need:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard), hard))
+        soft = min(need, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return soft
 
 
 class Pair:
@@ -96,7 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--members", type=int, default=5000)
     ap.add_argument("--seconds", type=float, default=3.0, help="each steady phase")
     a = ap.parse_args(argv)
-    raise_nofile(2 * a.members + 200)
+    limit = raise_nofile(a.members + 100)
+    if limit < a.members + 100:
+        a.members = limit - 100
+        print(f"only {a.members} members: the fd limit is {limit} (ulimit -Hn)", file=sys.stderr)
     server = peers.SERVERS[0]  # picchat, as a user starts it
     port = peers.free_port()
     cmd = [*server.base_cmd(), "--port", str(port), "--socket", "off", "--rate-limit", "0"]
