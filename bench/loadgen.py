@@ -306,8 +306,6 @@ class Tally:
         if sids.count(sids[0]) != n or not 0 <= sid < ID_SPAN:
             self.lines(c, text, now_ns)
             return
-        if self.talkers and sid == c.index:
-            return  # echoes of its own messages (MQTT)
         seqs = list(map(int, seqs_b))
         if (
             seqs[0] <= c.top.get(sid, -1)
@@ -317,6 +315,8 @@ class Tally:
         ):
             self.lines(c, text, now_ns)
             return
+        if self.talkers and sid == c.index:
+            return  # echoes of its own messages (MQTT), whole and in range
         bm = c.seen.get(sid)
         if bm is None:
             bm = c.seen[sid] = bytearray(self.messages + 1)

@@ -37,7 +37,7 @@ def raise_nofile(need: int) -> int:
     """Raise this process's fd limit towards need; returns the limit now."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < need:
-        soft = min(need, hard)
+        soft = need if hard == resource.RLIM_INFINITY else min(need, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     return soft
 
@@ -80,7 +80,7 @@ class Pair:
         *lines, self.buf = self.buf.split(b"\n")
         for line in lines:
             parts = line.split()
-            if len(parts) >= 3 and parts[-3].endswith(b"t"):
+            if len(parts) >= 3 and parts[-3].endswith(b"t") and parts[-1].isdigit():
                 self.lat.append((self.phase, (now - int(parts[-1])) / 1e9))
 
 

@@ -42,8 +42,8 @@ def counts(c: loadgen.Conn) -> tuple:
     return c.got, c.dups, c.corrupt, c.order
 
 
-def tally(sample: int = 1) -> loadgen.Tally:
-    t = sent(loadgen.Tally(BASE, MESSAGES, sample=sample))
+def tally(sample: int = 1, talkers: bool = False) -> loadgen.Tally:
+    t = sent(loadgen.Tally(BASE, MESSAGES, talkers, sample))
     t.timing = True
     return t
 
@@ -169,10 +169,11 @@ chunks = st.lists(
 
 
 @settings(max_examples=300, deadline=None)
-@given(chunks, st.sampled_from([1, 3]))
-def test_bulk_and_line_by_line_count_the_same(script: list, sample: int) -> None:
-    bulk, bulk_c = tally(sample), conn()
-    slow, slow_c = loadgen.Tally(BASE, MESSAGES, sample=sample), conn()
+@given(chunks, st.sampled_from([1, 3]), st.booleans())
+def test_bulk_and_line_by_line_count_the_same(script: list, sample: int, talkers: bool) -> None:
+    # talkers: the receiver is client 1, a sender too; its own lines are echoes to skip
+    bulk, bulk_c = tally(sample, talkers), conn(index=1)
+    slow, slow_c = loadgen.Tally(BASE, MESSAGES, talkers, sample), conn(index=1)
     slow.timing = True
     nxt = [0, 0, 0]
     for items, cut in script:
@@ -183,10 +184,22 @@ def test_bulk_and_line_by_line_count_the_same(script: list, sample: int) -> None
                 nxt[s] += 1
             lines.append(line(s, q))
         text = b"".join(lines)
-        if cut == 0:  # one chunk in six
+        if cut == 0:  # one chunk in six: a prefix cuts its first line
             text = text[:15] + b"<user9> " + text[15:]
+        elif cut == 1:  # or its last checksum is wrong
+            text = text[:-3] + (b"0" if text[-3:-2] != b"0" else b"1") + text[-2:]
         bulk.receive(bulk_c, text, 0)
         slow.lines(slow_c, text, 0)
     assert counts(bulk_c) == counts(slow_c)
+    assert bulk.foreign == slow.foreign
     assert sorted(bulk.lat_ns) == sorted(slow.lat_ns)
     assert bulk_c.last == slow_c.last
+
+
+def test_a_damaged_echo_of_its_own_line_is_still_corruption() -> None:
+    t, c = tally(talkers=True), conn(index=1)
+    own = line(1, 0)
+    t.receive(c, own, 0)
+    assert counts(c) == (0, 0, 0, 0)  # its own line, echoed (MQTT): skipped
+    t.receive(c, own[:-3] + (b"0" if own[-3:-2] != b"0" else b"1") + own[-2:], 0)
+    assert counts(c) == (0, 0, 1, 0)
