@@ -137,21 +137,29 @@ class ServerProcess:
         with self._cond:
             return "\n".join(self.lines)
 
-    def wait_for_log(self, pattern: str, timeout: float = DEFAULT_TIMEOUT, start: int = 0) -> str:
-        """The first log line (from index ``start``) that matches ``pattern``."""
+    def wait_for_log(
+        self, pattern: str, timeout: float = DEFAULT_TIMEOUT, start: int = 0, count: int = 1
+    ) -> str:
+        """The ``count``-th log line (from index ``start``) that matches ``pattern``.
+
+        A log line is written at the end of the server's loop turn, so it can
+        arrive after what a client saw of the same event: wait for it."""
         rx = re.compile(pattern)
         deadline = time.monotonic() + timeout
+        found = 0
         with self._cond:
             i = start
             while True:
                 while i < len(self.lines):
                     if rx.search(self.lines[i]):
-                        return self.lines[i]
+                        found += 1
+                        if found == count:
+                            return self.lines[i]
                     i += 1
                 left = deadline - time.monotonic()
                 if self._eof or left <= 0:
                     raise AssertionError(
-                        f"no log line matching {pattern!r} within {timeout} s "
+                        f"{found} of {count} log lines matching {pattern!r} within {timeout} s "
                         f"(server {'exited' if self._eof else 'running'}); log:\n"
                         + "\n".join(self.lines)
                     )

@@ -395,7 +395,7 @@ def test_silent_and_half_finished_handshakes_delay_no_one_and_are_dropped(
         for s in opened_at:
             s.close()
     pattern = r"Dropped 127\.0\.0\.1:\d+: it did not finish its TLS handshake within 1 s"
-    server.wait_for_log(pattern, start=mark)
+    server.wait_for_log(pattern, start=mark, count=SILENT + HALF)
     lines = [line for line in server.lines[mark:] if re.search(pattern, line)]
     assert len(lines) == SILENT + HALF, f"{len(lines)} drops logged"
     assert "(login-timeout)" in lines[0], lines[0]
