@@ -92,9 +92,12 @@ SCENARIOS = {
 }
 
 
-def make_payload(sid: int, seq: int) -> bytes:
-    """sid: RUN_BASE + client index, so that leftovers of another run are told apart."""
-    body = b"%d:%d:%d:%s" % (sid, seq, time.monotonic_ns(), PAD)
+def make_payload(sid: int, seq: int, sent_ns: int | None = None) -> bytes:
+    """sid: RUN_BASE + client index, so that leftovers of another run are told apart;
+    sent_ns: the send time it carries (now if not given)."""
+    if sent_ns is None:
+        sent_ns = time.monotonic_ns()
+    body = b"%d:%d:%d:%s" % (sid, seq, sent_ns, PAD)
     return MARK + body + b":%08x" % zlib.crc32(body)
 
 
@@ -264,12 +267,12 @@ class Tally:
 
     def payload(self, sender: int, seq: int) -> bytes:
         """A new payload of sender's, remembered with its send time."""
-        body = make_payload(self.base + sender, seq)
+        sent_ns = time.monotonic_ns()
+        body = make_payload(self.base + sender, seq, sent_ns)
         sent = self.sent.setdefault(sender, [])
-        stamps = self.stamps.setdefault(sender, [])
         if seq == len(sent):  # the stream covers messages sent in order only
             sent.append(body)
-            stamps.append(int(body[3:].split(b":", 3)[2]))
+            self.stamps.setdefault(sender, []).append(sent_ns)
         return body
 
     def follow(self, c: Conn, text: bytes, now_ns: int) -> bool:
@@ -323,20 +326,13 @@ class Tally:
         bm = c.seen.get(sid)
         if bm is None:
             bm = c.seen[sid] = bytearray(self.messages + 1)
-        if seqs[-1] - seqs[0] + 1 == n:
-            bm[seqs[0] : seqs[-1] + 1] = b"\x01" * n
-        else:
-            for q in seqs:
-                bm[q] = 1
+        for q in seqs:  # where a receiver follows one sender, tier 1 takes the rest
+            bm[q] = 1
         c.got += n
         c.top[sid] = c.last[sid] = seqs[-1]
         if self.timing:
-            k = self.sample
-            if k == 1:
-                self.lat_ns.extend(map(operator.sub, repeat(now_ns, n), map(int, stamps)))
-            else:
-                pairs = zip(seqs, stamps, strict=True)
-                self.lat_ns += [now_ns - int(t) for q, t in pairs if not q % k]
+            pairs = zip(seqs, stamps, strict=True)
+            self.lat_ns += [now_ns - int(t) for q, t in pairs if not q % self.sample]
         if sid in self.sent:  # from now on, compare with what it sent
             eol = b"\r\n" if text.endswith(b"\r\n") else b"\n"
             i = text.find(MARK)
