@@ -14,6 +14,13 @@ non-blocking file description. While stderr is not writable (a stalled
 journal, a paused terminal, a full pipe) lines wait in the buffer; beyond
 ``log_buffer`` bytes they are dropped and counted, and the count is logged
 once output flows again.
+
+A chat line is logged after it is delivered: while the server holds chat
+(``hold_chat``), each waits, at most ``HELD_CHAT_LINES`` of them, until the
+turn's output has gone out (``release_chat``). Writing it first would put a
+write to stderr, or a datagram to journald that wakes journald, between
+reading a line and sending it on. Any other record releases the waiting chat
+lines first, so the log keeps its order.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ LEVELS = {
 }
 LEVEL_NAMES = {number: name.upper() for name, number in LEVELS.items()}
 SYSLOG_PRIORITY = {CRITICAL: 2, ERROR: 3, WARNING: 4, NOTICE: 5, INFO: 6, DEBUG: 7}
+HELD_CHAT_LINES = 256  # chat lines that may wait for release_chat(); more: logged at once
 
 
 class Record:
@@ -336,6 +344,8 @@ class WriterHandler:
         self.divert: Callable[[str], None] | None = None
         self._second = -1  # the timestamp of the current second, made once
         self._stamp = ""
+        self.on_held: Callable[[], None] | None = None  # set while chat is held
+        self.held: list[tuple[str, Mapping[str, str]]] = []
 
     def format(self, record: Record) -> str:
         text = record.message
@@ -356,6 +366,8 @@ class WriterHandler:
         return self._stamp
 
     def emit(self, record: Record) -> None:
+        if self.held:
+            self.release()  # the chat before it comes first
         try:
             if self.native is not None and record.fields is not None:
                 if self.native.send(record.levelno, record.message, record.fields):
@@ -369,7 +381,23 @@ class WriterHandler:
             pass
 
     def chat(self, message: str, fields: Mapping[str, str]) -> None:
-        """``emit`` for a chat line, without making a Record."""
+        """``emit`` for a chat line, without making a Record; held while ``on_held`` is set."""
+        if self.on_held is None:
+            self._chat(message, fields)
+            return
+        if not self.held:
+            self.on_held()
+        self.held.append((message, fields))
+        if len(self.held) >= HELD_CHAT_LINES:
+            self.release()
+
+    def release(self) -> None:
+        """Log the held chat lines."""
+        held, self.held = self.held, []
+        for message, fields in held:
+            self._chat(message, fields)
+
+    def _chat(self, message: str, fields: Mapping[str, str]) -> None:
         try:
             if self.native is not None and self.native.send(INFO, message, fields):
                 return
@@ -400,6 +428,22 @@ def setup(level: str = "info", buffer: int = 65536, fd: int = 2) -> StderrWriter
     _handler = WriterHandler(writer, journal, native)
     set_level(level)
     return writer
+
+
+def hold_chat(on_held: Callable[[], None] | None) -> None:
+    """Hold chat lines until ``release_chat``; ``on_held`` is called when the
+    first one waits (the caller makes sure a release follows). None: log the
+    held ones and hold no more."""
+    if _handler is not None:
+        _handler.on_held = on_held
+        if on_held is None:
+            _handler.release()
+
+
+def release_chat() -> None:
+    """Log the chat lines held since the last call (after they were delivered)."""
+    if _handler is not None and _handler.held:
+        _handler.release()
 
 
 def divert(show: Callable[[str], None] | None) -> None:

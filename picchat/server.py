@@ -227,6 +227,7 @@ class Server:
             self._writer.on_blocked = self._log_blocked
             writer = self._writer
             self._writer.on_pending = lambda: self.loop.call_soon(writer.flush)
+        logs.hold_chat(self._schedule_flush)  # chat is logged after it is sent
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(signum, self.stop)
         if self._reload is not None:
@@ -549,6 +550,7 @@ class Server:
                 self._store.fsyncs,
             )
             self._store = None
+        logs.hold_chat(None)
         if self._writer is not None:
             self.loop.forget(self._writer.fd)
             self._writer.on_blocked = None
@@ -1011,6 +1013,7 @@ class Server:
                 out = self.hub.output(cid)
                 self._console.deliver(bytes(out))
                 out.clear()
+        logs.release_chat()
         for cid, reason in self.hub.take_doomed():
             self._drop(cid, reason)
         if self._stopping:

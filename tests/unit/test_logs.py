@@ -328,3 +328,49 @@ def test_with_on_pending_lines_wait_for_one_flush(pipe):
     writer.write(b"three\n")
     assert asked == [True, True]
     writer.close()
+
+
+# ---- chat held until it was delivered --------------------------------------------------------
+
+
+def test_held_chat_waits_for_release_and_asks_for_it_once(tmp_path, monkeypatch):
+    path = tmp_path / "out.log"
+    asked = []
+    with open(path, "wb") as f, handler_on(monkeypatch, f.fileno(), journal=True):
+        logs.hold_chat(lambda: asked.append(True))
+        logs.chat("alice", "one", {"SENDER": "alice"})
+        logs.chat("bob", "two", {"SENDER": "bob"})
+        assert path.read_text() == ""  # not before the turn's output went out
+        assert asked == [True]  # asked once, when the first line began to wait
+        logs.release_chat()
+        assert path.read_text() == "<6>alice: one\n<6>bob: two\n"
+        logs.chat("carol", "three", {"SENDER": "carol"})
+        assert asked == [True, True]
+        logs.hold_chat(None)  # no more holding: the waiting line goes out
+        assert path.read_text().endswith("<6>carol: three\n")
+        logs.chat("dave", "four", {"SENDER": "dave"})
+        assert path.read_text().endswith("<6>dave: four\n")
+        assert asked == [True, True]
+
+
+def test_another_record_releases_held_chat_first_so_the_log_keeps_its_order(tmp_path, monkeypatch):
+    path = tmp_path / "out.log"
+    with open(path, "wb") as f, handler_on(monkeypatch, f.fileno(), journal=True):
+        logs.hold_chat(lambda: None)
+        logs.chat("alice", "bye all", {"SENDER": "alice"})
+        logs.get("picchat.tests.logs").info("alice left")
+        logs.hold_chat(None)
+    assert path.read_text() == "<6>alice: bye all\n<6>alice left\n"
+
+
+def test_held_chat_is_bounded(tmp_path, monkeypatch):
+    path = tmp_path / "out.log"
+    with open(path, "wb") as f, handler_on(monkeypatch, f.fileno(), journal=True):
+        logs.hold_chat(lambda: None)
+        for i in range(logs.HELD_CHAT_LINES + 10):
+            logs.chat("alice", str(i), {"SENDER": "alice"})
+        assert len(logs._handler.held) == 10  # the first HELD_CHAT_LINES went out at once
+        assert path.read_text().count("\n") == logs.HELD_CHAT_LINES
+        logs.hold_chat(None)
+    lines = path.read_text().splitlines()
+    assert lines == [f"<6>alice: {i}" for i in range(logs.HELD_CHAT_LINES + 10)]
