@@ -48,6 +48,8 @@ bench:
 		/var/tmp/picchat-bench-lat.json,/var/tmp/picchat-bench.json,/var/tmp/picchat-bench-long.json
 	$(PYTHON) bench/idle.py --runs 3 | tee /var/tmp/picchat-bench-idle.md
 	$(PYTHON) bench/scale.py | tee /var/tmp/picchat-bench-scale.json
+	$(PYTHON) bench/journald.py --runs 5 | tee /var/tmp/picchat-bench-journald.md
+	$(PYTHON) bench/journald.py --runs 5 --one-cpu | tee -a /var/tmp/picchat-bench-journald.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -222,8 +222,10 @@ INTRO = """\
 Written by `bench/run.py` (except the hand-written "Findings" at the end, which it keeps).
 `make bench` runs `bench/durability.py` (what durability costs), then these commands (the
 latency scenario five times, as its target is a median of five), then `bench/idle.py`
-((d) idle connections, (e) an idle server, (g) start-up; results in bench/idle-results.md)
-and `bench/scale.py` (5,000 idle members; docs/robustness.md):
+((d) idle connections, (e) an idle server, (g) start-up; results in bench/idle-results.md),
+`bench/scale.py` (5,000 idle members; docs/robustness.md) and `bench/journald.py` ((a) under
+systemd, chat logged to journald or not, on 2 CPUs and on one; in "Findings"; it needs root
+and systemd-nspawn, and says so and skips where they are missing):
 
     python3 bench/run.py --runs 5 --scenarios latency --json /var/tmp/picchat-bench-lat.json
     python3 bench/run.py --runs 3 --scenarios fanout,fanout-wide,talkers,stall \\
