@@ -15,12 +15,13 @@ journal, a paused terminal, a full pipe) lines wait in the buffer; beyond
 ``log_buffer`` bytes they are dropped and counted, and the count is logged
 once output flows again.
 
-A chat line is logged after it is delivered: while the server holds chat
-(``hold_chat``), each waits, at most ``HELD_CHAT_LINES`` of them, until the
-turn's output has gone out (``release_chat``). Writing it first would put a
-write to stderr, or a datagram to journald that wakes journald, between
+A chat line is normally logged after it is delivered: while the server holds
+chat (``hold_chat``), each waits, at most ``HELD_CHAT_LINES`` of them, until
+the turn's output has gone out (``release_chat``). Writing it first would put
+a write to stderr, or a datagram to journald that wakes journald, between
 reading a line and sending it on. Any other record releases the waiting chat
-lines first, so the log keeps its order.
+lines first (then they are logged before they are sent), so the log keeps its
+order.
 """
 
 from __future__ import annotations
@@ -430,14 +431,19 @@ def setup(level: str = "info", buffer: int = 65536, fd: int = 2) -> StderrWriter
     return writer
 
 
-def hold_chat(on_held: Callable[[], None] | None) -> None:
-    """Hold chat lines until ``release_chat``; ``on_held`` is called when the
-    first one waits (the caller makes sure a release follows). None: log the
-    held ones and hold no more."""
+def hold_chat(on_held: Callable[[], None]) -> None:
+    """Hold chat lines until ``release_chat``. ``on_held`` is called when the
+    first one begins to wait: the holder makes sure a release follows."""
     if _handler is not None:
         _handler.on_held = on_held
-        if on_held is None:
-            _handler.release()
+
+
+def stop_holding_chat(on_held: Callable[[], None]) -> None:
+    """Log the held chat lines and hold no more, if ``on_held`` is the holder's
+    (another holder, a server started later in this process, keeps holding)."""
+    if _handler is not None and _handler.on_held == on_held:
+        _handler.on_held = None
+        _handler.release()
 
 
 def release_chat() -> None:

@@ -520,6 +520,7 @@ class Server:
 
     def close(self) -> None:
         """Release every fd (idempotent)."""
+        logs.stop_holding_chat(self._schedule_flush)  # the console still shows them
         if self._console is not None:
             logs.divert(None)
             self._console.close()
@@ -550,7 +551,6 @@ class Server:
                 self._store.fsyncs,
             )
             self._store = None
-        logs.hold_chat(None)
         if self._writer is not None:
             self.loop.forget(self._writer.fd)
             self._writer.on_blocked = None

@@ -336,8 +336,12 @@ def test_with_on_pending_lines_wait_for_one_flush(pipe):
 def test_held_chat_waits_for_release_and_asks_for_it_once(tmp_path, monkeypatch):
     path = tmp_path / "out.log"
     asked = []
+
+    def on_held() -> None:
+        asked.append(True)
+
     with open(path, "wb") as f, handler_on(monkeypatch, f.fileno(), journal=True):
-        logs.hold_chat(lambda: asked.append(True))
+        logs.hold_chat(on_held)
         logs.chat("alice", "one", {"SENDER": "alice"})
         logs.chat("bob", "two", {"SENDER": "bob"})
         assert path.read_text() == ""  # not before the turn's output went out
@@ -346,31 +350,58 @@ def test_held_chat_waits_for_release_and_asks_for_it_once(tmp_path, monkeypatch)
         assert path.read_text() == "<6>alice: one\n<6>bob: two\n"
         logs.chat("carol", "three", {"SENDER": "carol"})
         assert asked == [True, True]
-        logs.hold_chat(None)  # no more holding: the waiting line goes out
+        logs.stop_holding_chat(on_held)  # no more holding: the waiting line goes out
         assert path.read_text().endswith("<6>carol: three\n")
         logs.chat("dave", "four", {"SENDER": "dave"})
         assert path.read_text().endswith("<6>dave: four\n")
         assert asked == [True, True]
 
 
+def test_only_the_holder_stops_holding(tmp_path, monkeypatch):
+    path = tmp_path / "out.log"
+
+    def first() -> None:
+        pass
+
+    def second() -> None:
+        pass
+
+    with open(path, "wb") as f, handler_on(monkeypatch, f.fileno(), journal=True):
+        logs.hold_chat(first)
+        logs.hold_chat(second)  # a second server in the same process
+        logs.stop_holding_chat(first)  # the first one closes
+        logs.chat("alice", "hi", {"SENDER": "alice"})
+        assert path.read_text() == ""  # still held for the second
+        logs.stop_holding_chat(second)
+        assert path.read_text() == "<6>alice: hi\n"
+
+
 def test_another_record_releases_held_chat_first_so_the_log_keeps_its_order(tmp_path, monkeypatch):
     path = tmp_path / "out.log"
+
+    def on_held() -> None:
+        pass
+
     with open(path, "wb") as f, handler_on(monkeypatch, f.fileno(), journal=True):
-        logs.hold_chat(lambda: None)
+        logs.hold_chat(on_held)
         logs.chat("alice", "bye all", {"SENDER": "alice"})
         logs.get("picchat.tests.logs").info("alice left")
-        logs.hold_chat(None)
+        logs.stop_holding_chat(on_held)
     assert path.read_text() == "<6>alice: bye all\n<6>alice left\n"
 
 
 def test_held_chat_is_bounded(tmp_path, monkeypatch):
     path = tmp_path / "out.log"
+
+    def on_held() -> None:
+        pass
+
     with open(path, "wb") as f, handler_on(monkeypatch, f.fileno(), journal=True):
-        logs.hold_chat(lambda: None)
+        logs.hold_chat(on_held)
         for i in range(logs.HELD_CHAT_LINES + 10):
             logs.chat("alice", str(i), {"SENDER": "alice"})
         assert len(logs._handler.held) == 10  # the first HELD_CHAT_LINES went out at once
         assert path.read_text().count("\n") == logs.HELD_CHAT_LINES
-        logs.hold_chat(None)
+        logs.stop_holding_chat(on_held)
     lines = path.read_text().splitlines()
     assert lines == [f"<6>alice: {i}" for i in range(logs.HELD_CHAT_LINES + 10)]

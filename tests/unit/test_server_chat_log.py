@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Mapping
 
 from picchat import logs
 from picchat.cli import server_parser
@@ -22,7 +23,7 @@ def test_the_recipient_has_a_chat_line_before_it_is_logged(monkeypatch, tmp_path
     seen_at_log: list[bytes] = []  # what the recipient could read when the line was logged
     chat = handler._chat
 
-    def logging_chat(message: str, fields: dict[str, str]) -> None:
+    def logging_chat(message: str, fields: Mapping[str, str]) -> None:
         if message.endswith("hello room"):
             seen_at_log.append(available())
         chat(message, fields)
@@ -53,10 +54,9 @@ def test_the_recipient_has_a_chat_line_before_it_is_logged(monkeypatch, tmp_path
         bob.recv(4096)
         alice.sendall(b"hello room\n")
         pump(lambda: seen_at_log)
-        server.stop()
-        pump(lambda: not server.loop._running)
     finally:
         server.close()
+        server.loop.close()
         alice.close()
         bob.close()
         log_file.close()
