@@ -27,6 +27,7 @@ from .auth import Gate, SecretError, is_loopback, load_tokens
 from .config import SETTINGS, ConfigError, Settings, parse_serial_spec, socket_path, tls_host
 from .endpoints.fifo import FifoReader
 from .endpoints.listeners import (
+    StartupError,
     open_tcp,
     open_unix,
     set_keepalive,
@@ -339,14 +340,18 @@ class Server:
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"cannot create the state directory {path}: {exc.strerror}") from None
-        from .store import Store, StoreError
+        from .store import Store, StoreBusy, StoreError
 
         store = Store(path, s.history)
         try:
             loaded = store.load()
+        except StoreBusy as exc:
+            raise StartupError(str(exc)) from None
         except StoreError as exc:
+            store.close()
             raise ConfigError(str(exc)) from None
         except OSError as exc:
+            store.close()
             raise ConfigError(f"cannot repair the history in {path}: {exc.strerror}") from None
         if loaded.history_id is not None:
             self.hub.room.history_id = loaded.history_id
@@ -358,6 +363,7 @@ class Server:
         try:
             store.ready(self.hub.room.seq + 1)
         except OSError as exc:
+            store.close()
             raise ConfigError(f"cannot write the history in {path}: {exc.strerror}") from None
         return store
 

@@ -23,6 +23,11 @@ The format (docs/protocol.md states what it guarantees):
   (``StoreError``), never repaired or removed; this version reads format 1,
   and later versions are to read it too.
 
+One server per directory: ``load`` takes an exclusive lock on the directory
+(``flock``, held until ``close`` or the process ends) and raises ``StoreBusy``
+if another process holds it; two servers appending to one history would
+number messages twice and damage each other's records.
+
 Writing is the server's: ``append`` buffers records; ``commit`` writes them
 (one write) and, with ``sync``, fsyncs once -- the group commit: every message
 of a loop turn is on disk before any of them is acknowledged. All file access
@@ -31,6 +36,7 @@ goes through ``Files``, which tests replace to count fsyncs and inject faults.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -54,6 +60,10 @@ _SEGMENT_RE = re.compile(r"history-(\d{12})\.log\Z")
 
 class StoreError(Exception):
     """The history cannot be used (a newer format, an unreadable directory)."""
+
+
+class StoreBusy(StoreError):
+    """Another process (another picchat-server) uses this state directory."""
 
 
 class TornHeader(StoreError):
@@ -92,6 +102,16 @@ class Files:
 
     def unlink(self, path: Path) -> None:
         os.unlink(path)
+
+    def lock(self, path: Path) -> int:
+        """An fd holding an exclusive lock on the directory; BlockingIOError if taken."""
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
 
     def sync_dir(self, path: Path) -> None:
         """Make a new or removed segment's name durable."""
@@ -243,6 +263,7 @@ class Store:
         self.history_id = ""
         self._segments: list[Path] = []  # oldest first; the last is written to
         self._fd = -1
+        self._lock = -1  # the directory's lock, from load() to close()
         self._size = 0  # bytes of the current segment known to be whole records
         self._records = 0  # records in the current segment
         self._pending = bytearray()  # records not yet written
@@ -255,7 +276,18 @@ class Store:
     # ---- start ---------------------------------------------------------------
 
     def load(self) -> Loaded:
-        """Read what the directory holds; repair a damaged tail."""
+        """Lock the directory, read what it holds, repair a damaged tail."""
+        if self._lock < 0:
+            try:
+                self._lock = self.files.lock(self.directory)
+            except BlockingIOError:
+                raise StoreBusy(
+                    f"the history in {self.directory} is in use by another picchat-server "
+                    "(one server per state directory)"
+                ) from None
+            except OSError as exc:
+                where = self.directory
+                raise StoreError(f"cannot read the state directory {where}: {exc}") from None
         try:
             names = self.files.listdir(self.directory)
         except OSError as exc:
@@ -451,6 +483,9 @@ class Store:
                 pass
             self.files.close(self._fd)
             self._fd = -1
+        if self._lock >= 0:
+            self.files.close(self._lock)  # the lock goes with the fd
+            self._lock = -1
 
 
 def _joined(segments: list[Segment]) -> list[Message]:

@@ -164,6 +164,19 @@ def test_socket_of_a_live_server_exits_69(server, start_server):
     c.close()
 
 
+def test_a_state_directory_in_use_exits_69_and_leaves_the_history_alone(start_server, short_tmp):
+    state = short_tmp / "state"
+    first = start_server("--state-dir", str(state))
+    files = {p.name: p.read_bytes() for p in state.iterdir()}
+    other = start_server("--state-dir", str(state), sock=short_tmp / "other.sock", wait=False)
+    assert other.wait_exit(timeout=5) == EX_UNAVAILABLE
+    lines = log_lines(other)
+    assert len(lines) == 1 and "in use by another picchat-server" in lines[0], lines
+    assert {p.name: p.read_bytes() for p in state.iterdir()} == files
+    c = Client(first.sock_path, "the first still runs")  # and still has its history
+    c.close()
+
+
 def test_socket_path_that_is_not_a_socket_exits_69(start_server, short_tmp):
     path = short_tmp / "file.sock"
     path.write_text("precious data\n")

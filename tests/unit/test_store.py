@@ -109,8 +109,16 @@ def commit(s: Store, messages: list[Message], sync: bool = True) -> int:
     return s.commit(sync=sync)
 
 
+class Unlocked(Files):
+    """The directory as a new process finds it after the writer crashed: the
+    writer's lock went with it (this test's first store is still open)."""
+
+    def lock(self, path: Path) -> int:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
 def reload(directory: Path, segment_records: int = 100) -> store.Loaded:
-    s = Store(directory, segment_records)
+    s = Store(directory, segment_records, Unlocked())
     try:
         return s.load()
     finally:
@@ -806,3 +814,16 @@ def test_sessions_from_disk_are_bounded_by_the_sessions_setting():
     stored = [Message(i, T0 + i, "x", "t", f"tok{i}", "1") for i in range(1, 11)]
     net = durable_net(stored, max_sessions=3)
     assert set(net.hub.sessions) == {"tok8", "tok9", "tok10"}  # the newest senders
+
+
+def test_one_store_per_directory_until_it_is_closed(tmp_path):
+    d = tmp_path / "d"
+    first = new_store(d)
+    commit(first, msgs(1, 2))
+    second = Store(d, 100)
+    with pytest.raises(store.StoreBusy, match="in use by another picchat-server"):
+        second.load()
+    assert segments(d) == ["history-000000000001.log"]  # the loser touched nothing
+    first.close()
+    assert second.load().messages == msgs(1, 2)
+    second.close()
