@@ -142,7 +142,16 @@ class Closed(Value):
     __slots__ = __match_args__ = ()
 
 
-Request = Auth | Hello | Say | Nick | Who | Help | Quit | Invalid | Fatal | Closed
+class Refuse(Value):
+    """A telnet client asked for options: these bytes refuse them (sent as they are)."""
+
+    __slots__ = __match_args__ = ("reply",)
+
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
+
+
+Request = Auth | Hello | Say | Nick | Who | Help | Quit | Invalid | Fatal | Closed | Refuse
 
 # ---- frames: from the server to peers ------------------------------------
 

@@ -57,6 +57,7 @@ from .events import (
     Nick,
     Notice,
     Quit,
+    Refuse,
     Renamed,
     Request,
     Resume,
@@ -508,7 +509,7 @@ class Hub:
 
     def _handle(self, peer: Peer, request: Request, now: float) -> None:
         cid = peer.cid
-        if not peer.logged and not isinstance(request, (Hello, Fatal, Closed)):
+        if not peer.logged and not isinstance(request, (Hello, Fatal, Closed, Refuse)):
             self._log_member(peer)
         if self._batch and not isinstance(request, Say):
             self._flush_batch()  # whatever it does comes after the chat before it
@@ -569,6 +570,8 @@ class Hub:
             case Closed():
                 self._leave(peer, "closed the connection")
                 self._close_after_flush(peer)
+            case Refuse(reply=reply):
+                self._queue(peer, reply)
 
     def _id_key(self, id_: str) -> int:
         """A message id as a 64-bit hash, keyed with a secret of this server so

@@ -52,6 +52,7 @@ from .events import (
     Notice,
     Presence,
     Quit,
+    Refuse,
     Renamed,
     Request,
     Resume,
@@ -60,7 +61,7 @@ from .events import (
     Who,
 )
 from .framing import TOO_LONG, LineReader
-from .sanitize import clean_bytes, clean_text
+from .sanitize import TelnetRefusals, clean_bytes, clean_text
 
 TYPE_CHECKING = False  # typing is not imported at run time: start-up time
 if TYPE_CHECKING:
@@ -253,7 +254,7 @@ def _opt_id(value: Any) -> str | None:
 class ServerConnection:
     """Parses what one peer sends. Holds no socket; knows nothing of the room."""
 
-    __slots__ = ("_eof", "_overlong", "_reader", "lines", "state", "wire")
+    __slots__ = ("_eof", "_overlong", "_reader", "_telnet", "lines", "state", "wire")
 
     def __init__(self, max_line: int, auth: bool = False) -> None:
         self.state = State.AWAIT_AUTH if auth else State.AWAIT_FIRST
@@ -264,6 +265,7 @@ class ServerConnection:
         self._eof = False  # the peer closed its end; lines may still wait
         self.lines = 0  # lines taken from the input so far (what the rate limit counts)
         self._overlong = False  # an overlong line came while judging: reported after
+        self._telnet: TelnetRefusals | None = None  # once a telnet command came
 
     @property
     def max_line(self) -> int:
@@ -301,7 +303,15 @@ class ServerConnection:
             return []
         if not data:
             self._eof = True
-        return self._requests(data, limit, budget)
+        requests = self._requests(data, limit, budget)
+        # (After a hello line in data the state is JSON: no telnet there.)
+        if self.state in _TELNET_STATES and (self._telnet is not None or 0xFF in data):
+            if self._telnet is None:
+                self._telnet = TelnetRefusals()
+            refuse = self._telnet.feed(data)
+            if refuse:
+                requests.append(Refuse(refuse))
+        return requests
 
     def next_requests(self, limit: int | None = None, budget: int | None = None) -> list[Request]:
         """Go on with what ``receive_data`` left waiting."""
@@ -419,6 +429,8 @@ class ServerConnection:
         return Hello(VERSION, name, member, client, session, resume)
 
 
+# Where a telnet client may be talking (never in the structured protocol).
+_TELNET_STATES = (State.AWAIT_AUTH, State.AWAIT_FIRST, State.PLAIN)
 AUTH_FIRST = "this server needs a token first: send /auth TOKEN"
 TLS_RECORD = b"\x16\x03"  # a TLS handshake record, as every TLS client starts
 PLAIN_PORT = "this is picchat's plain-text port: connect with TLS to its tls-port instead"

@@ -177,3 +177,23 @@ def test_many_talkers_at_once_do_not_make_a_reading_member_too_slow(start_server
     for _ in range(10 * lines):
         reader.expect(r"^\S+: \d+ \d{4} z+$", timeout=10)
     assert not any("too slow" in line for line in server.lines), server.lines[-5:]
+
+
+def test_telnet_ctrl_c_is_answered_so_telnet_shows_the_chat_again(server, clients):
+    # After Ctrl-C, telnet sends IAC IP, IAC DO TIMING-MARK and discards everything
+    # the server sends until an answer comes: without one its user sees no more chat.
+    a = Client(server.port, "telnet user")
+    b = Client(server.port, "b")
+    clients.extend([a, b])
+
+    def wait_for(data: bytes) -> None:
+        deadline = time.monotonic() + 5
+        while data not in a.raw and time.monotonic() < deadline:
+            a._fill(0.1)
+        assert data in a.raw, bytes(a.raw)
+
+    a.send_raw(b"\xff\xf4\xff\xfd\x06")  # no line ending: telnet sends nothing more
+    wait_for(b"\xff\xfc\x06")  # IAC WONT TIMING-MARK
+    b.send_line("still here")
+    wait_for(f"{b.name}: still here\n".encode())
+    assert b"\xff" not in b.raw  # the answer went to the telnet user only

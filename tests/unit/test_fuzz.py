@@ -43,6 +43,7 @@ from picchat.events import (
     Invalid,
     Nick,
     Quit,
+    Refuse,
     Say,
     Who,
 )
@@ -55,7 +56,7 @@ from picchat.protocol import (
     State,
     encode_hello,
 )
-from picchat.sanitize import clean_bytes
+from picchat.sanitize import TelnetRefusals, clean_bytes
 
 REQUESTS = (Auth, Closed, Fatal, Hello, Help, Invalid, Nick, Quit, Say, Who)
 # What sanitising removes: C0 controls but TAB, DEL, C1 controls, lone surrogates.
@@ -133,8 +134,14 @@ def cut(data: bytes, cuts: list[int]) -> list[bytes]:
 # ---- ServerConnection ----------------------------------------------------------------
 
 
+REFUSAL = re.compile(rb"(?:\xff[\xfc\xfe][\x00-\xff])+\Z")  # IAC WONT/DONT option, ...
+
+
 def check_requests(requests: list, seen: list) -> None:
     for request in requests:
+        if isinstance(request, Refuse):  # telnet replies: not a request of the chat's
+            assert REFUSAL.match(request.reply), request
+            continue
         assert isinstance(request, REQUESTS), request
         assert not (seen and isinstance(seen[-1], Closed)), f"{request!r} after the end"
         if isinstance(request, Say):
@@ -244,6 +251,23 @@ def test_server_connection_same_requests_however_sliced(
     )
     prefix, _ = run_server_connection([data[:400]] if data else [], max_line, auth, [], [])
     assert one_by_one == prefix
+
+
+@settings(max_examples=150 * SCALE, deadline=None)
+@given(
+    data=st.lists(
+        st.sampled_from(
+            [b"\xff", b"\xfb", b"\xfc", b"\xfd", b"\xfe", b"\xfa", b"\xf0", b"\x06", b"a"]
+        ),
+        max_size=60,
+    ).map(b"".join),
+    cuts=st.lists(st.integers(0, 60), max_size=8),
+)
+def test_telnet_refusals_are_the_same_however_the_bytes_are_cut(data, cuts):
+    whole = TelnetRefusals().feed(data)
+    sliced = TelnetRefusals()
+    assert b"".join(sliced.feed(chunk) for chunk in cut(data, cuts)) == whole
+    assert whole == b"" or REFUSAL.match(whole)
 
 
 # ---- ClientConnection ------------------------------------------------------------------
@@ -650,7 +674,10 @@ class HubMachine(RuleBasedStateMachine):
 def check_stream(stream: bytes) -> None:
     """What one peer received, in complete lines (the last may be cut by a
     partial send, or by the drop of a peer too slow): UTF-8 without controls;
-    after a hello reply, JSON frames a real ClientConnection accepts."""
+    after a hello reply, JSON frames a real ClientConnection accepts. Telnet
+    refusals (IAC WONT/DONT x, for a peer that sent telnet commands) aside:
+    0xFF never occurs in UTF-8, so they are told apart exactly."""
+    stream = re.sub(rb"\xff[\xfc\xfe][\x00-\xff]", b"", stream)
     complete = stream[: stream.rfind(b"\n") + 1]
     text = complete.decode("utf-8")
     assert not UNSAFE_TEXT.search(text.replace("\n", "")), text

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from picchat.sanitize import clean_bytes, clean_text, strip_telnet
+from picchat.sanitize import TelnetRefusals, clean_bytes, clean_text, strip_telnet
 
 FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
@@ -127,6 +127,37 @@ def test_telnet_iac_iac_is_a_literal_ff():
 def test_telnet_iac_at_the_end_of_the_line_is_removed():
     assert strip_telnet(b"ab\xff") == b"ab"
     assert strip_telnet(b"ab\xff\xfd") == b"ab"
+
+
+TM = 0x06  # TIMING-MARK
+
+
+def test_telnet_ctrl_c_gets_its_timing_mark_refused():
+    # telnet discards all output after Ctrl-C until the answer to DO TIMING-MARK
+    assert TelnetRefusals().feed(bytes([IAC, IP, IAC, DO, TM])) == bytes([IAC, WONT, TM])
+
+
+def test_telnet_asked_options_are_refused_and_refusals_need_no_answer():
+    r = TelnetRefusals()
+    assert r.feed(bytes([IAC, WILL, LINEMODE, IAC, DO, 0x01])) == bytes(
+        [IAC, DONT, LINEMODE, IAC, WONT, 0x01]
+    )
+    assert r.feed(bytes([IAC, WONT, 0x01, IAC, DONT, 0x01])) == b""
+    assert r.feed(b"plain text\n") == b""
+
+
+def test_telnet_refusals_skip_literal_ff_and_subnegotiations():
+    r = TelnetRefusals()
+    assert r.feed(bytes([IAC, IAC, DO, TM])) == b""  # IAC IAC is a 0xFF byte of text
+    sub = bytes([IAC, SB, 0x18, IAC, IAC, DO, TM, IAC, SE])
+    assert r.feed(sub + bytes([IAC, DO, TM])) == bytes([IAC, WONT, TM])
+
+
+def test_telnet_refusals_follow_a_command_cut_between_chunks():
+    r = TelnetRefusals()
+    assert r.feed(bytes([0x61, IAC])) == b""
+    assert r.feed(bytes([DO])) == b""
+    assert r.feed(bytes([TM, 0x62])) == bytes([IAC, WONT, TM])
 
 
 def test_bytes_without_iac_are_returned_as_they_are():
