@@ -3,8 +3,10 @@ and the socket; it reconnects and resumes without losing messages.
 
 With a terminal on stdin it puts it in raw mode and edits lines itself (the
 ``Editor``), so incoming messages never tear a half-typed line. With a pipe
-on stdin it reads lines, prints messages, and ends once every line it read
-has been acknowledged.
+or a file on stdin it reads lines, prints messages, and ends once every line
+it read has been acknowledged. It starts reading them once connected (so
+that commands such as /nick find the server), and while max-pending lines
+wait for their ack it reads no more (a long file is sent whole).
 
 The I/O lives here; what to send and what to show is ``ClientSession``'s.
 """
@@ -119,6 +121,10 @@ class InteractiveClient:
         self.editor: Editor | None = None
         self._stdin_lines = LineReader(1 << 16)
         self._stdin_eof = False
+        self._stdin_reading = False
+        # A regular file (or /dev/null) cannot be watched by epoll: it is
+        # always ready, and read a chunk per loop turn instead.
+        self._stdin_watchable = True
         self._sock: socket.socket | None = None
         self._conn: ClientConnection | None = None
         self._out = bytearray()
@@ -142,7 +148,7 @@ class InteractiveClient:
     def _run(self) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self.loop.add_signal_handler(signum, lambda: self._stop(EX_OK))
-        self.loop.add_reader(self.stdin, self._stdin_readable)
+        self._update_stdin()
         self._connect()
         try:
             self.loop.run()
@@ -202,6 +208,60 @@ class InteractiveClient:
 
     # ---- input from the user -------------------------------------------------
 
+    def _stdin_room(self) -> int:
+        """Piped lines that may be taken now: as many as max-pending leaves;
+        the others wait in the pipe until acks come (back-pressure)."""
+        s = self.session
+        return max(0, s.max_pending - len(s.unacked))
+
+    def _stdin_wanted(self) -> bool:
+        if self.editor is not None:
+            return not self._stdin_eof  # a person typing: always (pending lines are shown)
+        if self._stdin_eof or self._stdin_lines.backlog:
+            return False
+        # A script's first lines may be commands that need the server: wait for it.
+        return self._ever_connected and self._stdin_room() > 0
+
+    def _update_stdin(self) -> None:
+        want = self._stdin_wanted()
+        if want == self._stdin_reading:
+            return
+        self._stdin_reading = want
+        if not want:
+            if self._stdin_watchable:
+                self.loop.remove_reader(self.stdin)
+            return
+        if self._stdin_watchable:
+            try:
+                self.loop.add_reader(self.stdin, self._stdin_readable)
+                return
+            except PermissionError:  # EPERM: a regular file or /dev/null
+                self._stdin_watchable = False
+        self.loop.call_soon(self._stdin_file_turn)
+
+    def _stdin_file_turn(self) -> None:
+        if self._stdin_reading:
+            self._stdin_readable()
+            if self._stdin_reading:
+                self.loop.call_soon(self._stdin_file_turn)
+
+    def _take_piped(self, data: bytes) -> None:
+        """Submit piped lines, from data or those waiting, as far as there is room."""
+        room = self._stdin_room()
+        if room:
+            for item in self._stdin_lines.feed(data, room):
+                if item is TOO_LONG:
+                    self._show("! an input line longer than 64 KiB was skipped")
+                else:
+                    self._submit(item.decode("utf-8", "replace"))
+        self._update_stdin()
+
+    def _piped_progress(self) -> None:
+        """Connected, acks came or the link went: go on with piped input."""
+        if self.editor is None and self._stdin_lines.backlog:
+            self._take_piped(b"")
+        self._update_stdin()
+
     def _stdin_readable(self) -> None:
         try:
             data = os.read(self.stdin, 4096)
@@ -220,19 +280,15 @@ class InteractiveClient:
             if not data:  # the terminal hung up
                 self._stop(EX_OK)
             return
-        if not data:
+        if not data:  # read only without a backlog: every line before it is taken
             self._stdin_eof = True
-            self.loop.remove_reader(self.stdin)
+            self._update_stdin()
             tail = self._stdin_lines.take_partial()
             if isinstance(tail, bytes) and tail:
                 self._submit(tail.decode("utf-8", "replace"))
             self._maybe_done()
             return
-        for item in self._stdin_lines.feed(data):
-            if item is TOO_LONG:
-                self._show("! an input line longer than 64 KiB was skipped")
-            else:
-                self._submit(item.decode("utf-8", "replace"))
+        self._take_piped(data)
 
     def _submit(self, text: str) -> None:
         data, outputs = self.session.submit(text)
@@ -382,6 +438,7 @@ class InteractiveClient:
         if self._tls is not None and self._tls.eof and self._sock is not None:
             self._lost("the server closed the connection")
             return
+        self._piped_progress()  # connected, or acks came
         self._maybe_done()
 
     def _tls_input(self, raw: bytes) -> bytes | None:

@@ -10,18 +10,24 @@ quickly.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import subprocess
 import time
 
 import pytest
 
 from .support import (
+    DEFAULT_TIMEOUT,
     REPLAY_PREFIX,
+    ROOT,
     Client,
     ClientProcess,
     ProcessPeer,
     StructuredClient,
+    base_env,
+    client_cmd,
     settled_client,
 )
 
@@ -427,7 +433,7 @@ def test_a_message_longer_than_the_server_takes_is_refused_not_stuck(server, cli
     assert not any(line.startswith("alice: z") for line in b.history)
 
 
-def test_pending_lines_are_bounded_and_sent_before_the_client_ends(server, forwarder, clients):
+def test_piped_lines_beyond_max_pending_wait_in_the_pipe_and_all_arrive(server, forwarder, clients):
     b = bob(server, clients)
     link = forwarder(server.port)
     mark = server.mark()
@@ -442,16 +448,64 @@ def test_pending_lines_are_bounded_and_sent_before_the_client_ends(server, forwa
         alice.send_line(text)
     alice.expect(r"^\* \(pending\) one$")
     alice.expect(r"^\* \(pending\) two$")
-    # The third does not fit: the user is told, it is not silently dropped.
-    alice.expect(r"^! not sent: 2 messages are already waiting for the server \(max-pending\)$")
+    # The third is not read while two wait for their ack: it waits in the pipe,
+    # neither refused nor dropped (a script's lines all arrive, in order).
+    time.sleep(0.3)
+    assert alice.count(r"three") == 0, alice.history
     # Input ends while the link is down: the client waits to deliver what it holds.
     assert alice.proc.stdin is not None
     alice.proc.stdin.close()
     link.restart()
-    b.expect(r"^alice: one$")
-    b.expect(r"^alice: two$")
+    for text in ("one", "two", "three"):
+        b.expect(rf"^alice: {text}$")
     assert alice.wait_exit() == 0
     assert [line for line in b.history if line.startswith("alice: ")] == [
         "alice: one",
         "alice: two",
+        "alice: three",
     ]
+
+
+def run_client(port: int, stdin, *args: str) -> subprocess.CompletedProcess[str]:
+    """picchat-client with ``stdin`` (a file, /dev/null, or bytes through a pipe), to its end."""
+    piped = isinstance(stdin, bytes)
+    return subprocess.run(
+        client_cmd("--port", str(port), "--retry", RETRY, *args),
+        stdin=None if piped else stdin,
+        input=stdin.decode() if piped else None,
+        capture_output=True,
+        text=True,
+        timeout=DEFAULT_TIMEOUT,
+        env=base_env(),
+        cwd=ROOT,
+    )
+
+
+def test_a_file_on_stdin_is_sent_whole_beyond_max_pending(server, clients, tmp_path):
+    b = bob(server, clients)
+    lines = [f"line {i}" for i in range(1, 301)]
+    path = tmp_path / "lines.txt"
+    path.write_text("\n".join(lines) + "\n")
+    with open(path, "rb") as f:  # a regular file: epoll cannot watch it
+        done = run_client(server.port, f, "--name", "filer", "--max-pending", "20")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and "not sent" not in done.stdout, done.stdout
+    for text in lines:
+        b.expect(rf"^filer: {text}$")
+
+
+def test_dev_null_on_stdin_connects_and_ends(server):
+    with open(os.devnull, "rb") as f:
+        done = run_client(server.port, f, "--name", "nobody")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Connected to the server!" in done.stdout and "Traceback" not in done.stderr
+
+
+def test_piped_commands_wait_for_the_server(server, clients):
+    b = bob(server, clients)
+    done = run_client(server.port, b"first\n/who\n/nick piped\nlast", "--name", "piper")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "not connected" not in done.stdout, done.stdout
+    assert re.search(r"^\* \d+ here: .*\bpiper\b", done.stdout, re.M), done.stdout
+    b.expect(r"^piper: first$")
+    b.expect(r"^piped: last$")  # the /nick before it took effect
