@@ -4,9 +4,10 @@ and the socket; it reconnects and resumes without losing messages.
 With a terminal on stdin it puts it in raw mode and edits lines itself (the
 ``Editor``), so incoming messages never tear a half-typed line. With a pipe
 or a file on stdin it reads lines, prints messages, and ends once every line
-it read has been acknowledged. It starts reading them once connected (so
-that commands such as /nick find the server), and while max-pending lines
-wait for their ack it reads no more (a long file is sent whole).
+it read has been acknowledged. Lines read before the first connection wait
+for it (so that commands such as /nick find the server), and while
+max-pending lines wait for their ack it reads no more (a long file is sent
+whole).
 
 The I/O lives here; what to send and what to show is ``ClientSession``'s.
 """
@@ -209,9 +210,12 @@ class InteractiveClient:
     # ---- input from the user -------------------------------------------------
 
     def _stdin_room(self) -> int:
-        """Piped lines that may be taken now: as many as max-pending leaves;
-        the others wait in the pipe until acks come (back-pressure)."""
+        """Piped lines that may be taken now: none before the first connection
+        (a script's first lines may be commands that need the server), then as
+        many as max-pending leaves; the others wait (back-pressure)."""
         s = self.session
+        if not self._ever_connected:
+            return 0
         return max(0, s.max_pending - len(s.unacked))
 
     def _stdin_wanted(self) -> bool:
@@ -219,8 +223,9 @@ class InteractiveClient:
             return not self._stdin_eof  # a person typing: always (pending lines are shown)
         if self._stdin_eof or self._stdin_lines.backlog:
             return False
-        # A script's first lines may be commands that need the server: wait for it.
-        return self._ever_connected and self._stdin_room() > 0
+        # Before the first connection: read on, holding the lines, to see an end
+        # of input with nothing in it (then there is nothing to wait for).
+        return not self._ever_connected or self._stdin_room() > 0
 
     def _update_stdin(self) -> None:
         want = self._stdin_wanted()
@@ -246,19 +251,29 @@ class InteractiveClient:
                 self.loop.call_soon(self._stdin_file_turn)
 
     def _take_piped(self, data: bytes) -> None:
-        """Submit piped lines, from data or those waiting, as far as there is room."""
-        room = self._stdin_room()
-        if room:
-            for item in self._stdin_lines.feed(data, room):
+        """Submit piped lines, from data or those waiting, as far as there is
+        room; at the end of input, the last line without a line ending too."""
+        lines = self._stdin_lines
+        while True:
+            # Blank lines and /help take no room: look again after each batch.
+            items = lines.feed(data, self._stdin_room())
+            data = b""
+            for item in items:
                 if item is TOO_LONG:
                     self._show("! an input line longer than 64 KiB was skipped")
                 else:
                     self._submit(item.decode("utf-8", "replace"))
+            if not items or not lines.backlog:
+                break
+        if self._stdin_eof and not lines.backlog and lines.pending and self._stdin_room():
+            tail = lines.take_partial()
+            if isinstance(tail, bytes) and tail:
+                self._submit(tail.decode("utf-8", "replace"))
         self._update_stdin()
 
     def _piped_progress(self) -> None:
-        """Connected, acks came or the link went: go on with piped input."""
-        if self.editor is None and self._stdin_lines.backlog:
+        """Connected, or acks came: go on with piped input."""
+        if self.editor is None and (self._stdin_lines.backlog or self._stdin_eof):
             self._take_piped(b"")
         self._update_stdin()
 
@@ -280,12 +295,9 @@ class InteractiveClient:
             if not data:  # the terminal hung up
                 self._stop(EX_OK)
             return
-        if not data:  # read only without a backlog: every line before it is taken
+        if not data:
             self._stdin_eof = True
-            self._update_stdin()
-            tail = self._stdin_lines.take_partial()
-            if isinstance(tail, bytes) and tail:
-                self._submit(tail.decode("utf-8", "replace"))
+            self._take_piped(b"")
             self._maybe_done()
             return
         self._take_piped(data)
@@ -304,8 +316,15 @@ class InteractiveClient:
         self._handle(outputs)
 
     def _maybe_done(self) -> None:
-        """Pipe mode: stop once stdin ended and every line was acknowledged."""
-        if self._stdin_eof and self.editor is None and not self.session.unacked:
+        """Pipe mode: stop once stdin ended and every line was taken and acknowledged."""
+        lines = self._stdin_lines
+        if (
+            self._stdin_eof
+            and self.editor is None
+            and not lines.backlog
+            and not lines.pending
+            and not self.session.unacked
+        ):
             if self.session.connected:
                 self._quit()
             else:

@@ -304,7 +304,8 @@ class ServerConnection:
         if not data:
             self._eof = True
         requests = self._requests(data, limit, budget)
-        # (After a hello line in data the state is JSON: no telnet there.)
+        # (After a hello line in data the state is JSON: no telnet there; after
+        # an /auth line it is JUDGING, and a telnet user may still press Ctrl-C.)
         if self.state in _TELNET_STATES and (self._telnet is not None or 0xFF in data):
             if self._telnet is None:
                 self._telnet = TelnetRefusals()
@@ -430,7 +431,7 @@ class ServerConnection:
 
 
 # Where a telnet client may be talking (never in the structured protocol).
-_TELNET_STATES = (State.AWAIT_AUTH, State.AWAIT_FIRST, State.PLAIN)
+_TELNET_STATES = (State.AWAIT_AUTH, State.JUDGING, State.AWAIT_FIRST, State.PLAIN)
 AUTH_FIRST = "this server needs a token first: send /auth TOKEN"
 TLS_RECORD = b"\x16\x03"  # a TLS handshake record, as every TLS client starts
 PLAIN_PORT = "this is picchat's plain-text port: connect with TLS to its tls-port instead"

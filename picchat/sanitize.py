@@ -80,9 +80,11 @@ class TelnetRefusals:
                     elif self._verb == _WILL:
                         out += bytes((_IAC, _DONT, b))
                     state = self._DATA
-                elif state == self._SUB:
-                    if b == _IAC:
-                        state = self._SUB_IAC
+                elif state == self._SUB:  # skip to its IAC (at C speed, as for data)
+                    j = data.find(_IAC, i)
+                    if j < 0:
+                        break
+                    i, state = j, self._SUB_IAC
                 else:  # IAC inside a subnegotiation: IAC SE ends it, IAC IAC is data
                     state = self._DATA if b == _SE else self._SUB
             i += 1

@@ -185,7 +185,6 @@ class Server:
         if not s.host and socket_path(s) is None and not s.fifo:
             raise ConfigError("nothing to listen on: set host, socket or fifo")
         self.gate.tokens = _tokens(s)
-        self._store = self._open_store()
         if s.tls_port:
             try:
                 from .tls import server_context
@@ -193,6 +192,7 @@ class Server:
                 self._tls_context = server_context(s.tls_cert, s.tls_key)
             except SecretError as exc:
                 raise ConfigError(str(exc)) from None
+        self._store = self._open_store()
         try:
             passed = systemd.listen_fds()
             if passed:

@@ -287,7 +287,8 @@ class Store:
                 ) from None
             except OSError as exc:
                 where = self.directory
-                raise StoreError(f"cannot read the state directory {where}: {exc}") from None
+                problem = exc.strerror or exc
+                raise StoreError(f"cannot read the state directory {where}: {problem}") from None
         try:
             names = self.files.listdir(self.directory)
         except OSError as exc:

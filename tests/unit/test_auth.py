@@ -5,6 +5,7 @@ connection's AWAIT_AUTH / JUDGING states."""
 from __future__ import annotations
 
 import os
+import re
 import threading
 
 import pytest
@@ -24,7 +25,7 @@ from picchat.auth import (
     parse_tokens,
     read_secret,
 )
-from picchat.events import Auth, Closed, Fatal, Hello, Invalid, Say
+from picchat.events import Auth, Closed, Fatal, Hello, Invalid, Refuse, Say
 from picchat.protocol import AUTH_FIRST, ServerConnection, State
 
 TOKEN = b"0123456789abcdef0123456789abcdef"
@@ -641,6 +642,9 @@ def run_auth_connection(chunks: list[bytes], verdict: str) -> list[object]:
 
     def take(requests):
         for request in requests:
+            if isinstance(request, Refuse):  # telnet replies (bytes only): not the chat's
+                assert re.fullmatch(rb"(?:\xff[\xfc\xfe][\x00-\xff])+", request.reply), request
+                continue
             assert not seen or not isinstance(seen[-1], Closed), "after the end"
             if seen and isinstance(seen[-1], Fatal):  # (unterminated at the end of input)
                 assert isinstance(request, Closed), request

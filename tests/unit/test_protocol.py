@@ -24,6 +24,7 @@ from picchat.events import (
     Notice,
     Presence,
     Quit,
+    Refuse,
     Renamed,
     Say,
     Welcome,
@@ -595,3 +596,28 @@ def test_client_refuses_deeply_nested_json_with_a_protocol_error():
     client.receive_data(encode(WELCOME, Wire.JSON))
     with pytest.raises(ProtocolError):
         client.receive_data(b"[" * 50_000 + b"\n")
+
+
+# ---- telnet ------------------------------------------------------------------------------
+
+CTRL_C = b"\xff\xf4\xff\xfd\x06"  # what telnet sends for Ctrl-C: IAC IP, IAC DO TIMING-MARK
+
+
+def test_a_plain_connection_gets_telnet_options_refused():
+    conn = ServerConnection(4096)
+    assert conn.receive_data(b"hi\n" + CTRL_C)[-1] == Refuse(b"\xff\xfc\x06")
+
+
+def test_telnet_options_are_refused_while_the_token_is_judged():
+    conn = ServerConnection(4096, auth=True)
+    requests = conn.receive_data(b"/auth tok\r\n" + CTRL_C)
+    assert conn.state is State.JUDGING
+    assert Refuse(b"\xff\xfc\x06") in requests
+    assert conn.receive_data(CTRL_C) == [Refuse(b"\xff\xfc\x06")]
+
+
+def test_a_structured_connection_never_gets_telnet_replies():
+    conn = ServerConnection(4096)
+    requests = conn.receive_data(b'PICCHAT/1 {"name": "a"}\n' + CTRL_C)
+    assert not any(isinstance(r, Refuse) for r in requests)
+    assert conn.receive_data(CTRL_C) == []
