@@ -333,6 +333,10 @@ def test_with_on_pending_lines_wait_for_one_flush(pipe):
 # ---- chat held until it was delivered --------------------------------------------------------
 
 
+def no_flush() -> None:
+    """A holder that asks for nothing: the test releases the chat itself."""
+
+
 def test_held_chat_waits_for_release_and_asks_for_it_once(tmp_path, monkeypatch):
     path = tmp_path / "out.log"
     asked = []
@@ -378,30 +382,22 @@ def test_only_the_holder_stops_holding(tmp_path, monkeypatch):
 
 def test_another_record_releases_held_chat_first_so_the_log_keeps_its_order(tmp_path, monkeypatch):
     path = tmp_path / "out.log"
-
-    def on_held() -> None:
-        pass
-
     with open(path, "wb") as f, handler_on(monkeypatch, f.fileno(), journal=True):
-        logs.hold_chat(on_held)
+        logs.hold_chat(no_flush)
         logs.chat("alice", "bye all", {"SENDER": "alice"})
         logs.get("picchat.tests.logs").info("alice left")
-        logs.stop_holding_chat(on_held)
+        logs.stop_holding_chat(no_flush)
     assert path.read_text() == "<6>alice: bye all\n<6>alice left\n"
 
 
 def test_held_chat_is_bounded(tmp_path, monkeypatch):
     path = tmp_path / "out.log"
-
-    def on_held() -> None:
-        pass
-
     with open(path, "wb") as f, handler_on(monkeypatch, f.fileno(), journal=True):
-        logs.hold_chat(on_held)
+        logs.hold_chat(no_flush)
         for i in range(logs.HELD_CHAT_LINES + 10):
             logs.chat("alice", str(i), {"SENDER": "alice"})
         assert len(logs._handler.held) == 10  # the first HELD_CHAT_LINES went out at once
         assert path.read_text().count("\n") == logs.HELD_CHAT_LINES
-        logs.stop_holding_chat(on_held)
+        logs.stop_holding_chat(no_flush)
     lines = path.read_text().splitlines()
     assert lines == [f"<6>alice: {i}" for i in range(logs.HELD_CHAT_LINES + 10)]
